@@ -1,0 +1,41 @@
+"""``vlmkit info``: what a model is made of (parts, image tokens, template, parameter counts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmkit.cli.common import JsonOption, ModelOption, load_model, write_json
+
+_ROWS = (
+    ("vision", "vision tower"),
+    ("projector", "projector"),
+    ("language", "language model"),
+    ("image_size", "image size"),
+    ("image_tokens", "image tokens"),
+    ("template", "template"),
+    ("dtype", "dtype"),
+)
+
+
+def info_command(model: ModelOption = None, as_json: JsonOption = False) -> None:
+    """Show a model's parts, image tokens per image, chat template and parameter counts."""
+    vlm = load_model(model)
+    data = {"model": str(model) if model else None} | vlm.info()
+    if as_json:
+        write_json(data)
+    else:
+        _print_table(data)
+
+
+def _print_table(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"vlmkit model {data['model'] or '(default)'}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, label in _ROWS:
+        table.add_row(label, str(data.get(key)))
+    for part, count in data["parameters"].items():
+        table.add_row(f"parameters: {part}", f"{count:,}")
+    Console(highlight=False).print(table)

@@ -1,0 +1,195 @@
+"""Typed, JSON round-trippable configuration for a vlmkit model. No torch import here.
+
+A model directory's ``config.json`` is ``VLMConfig.to_dict()``; ``VLMConfig.from_dict`` validates every
+field and names the offending one on error, so a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+VISION_SELECT = ("patch", "full")
+RESIZE_MODES = ("resize", "pad", "crop")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config file or dict is invalid; the message names the field."""
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower: a transformers vision model plus how its features are read out."""
+
+    # transformers config of the tower (``model_type`` clip_vision_model / siglip_vision_model / dinov2 ...)
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    # which hidden state feeds the projector; -2 = penultimate layer, as LLaVA does
+    feature_layer: int = -2
+    # "patch" drops the CLS/register tokens, "full" keeps every token
+    select: str = "patch"
+    # runtime input resolution; position embeddings are interpolated when it differs from pre-training
+    image_size: int = 224
+    # "resize" squashes, "pad" letterboxes with the mean colour, "crop" resizes the short side + centre crop
+    resize_mode: str = "crop"
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    # where the tower came from (informational; weights live in model.safetensors)
+    source: str | None = None
+
+    def validate(self) -> None:
+        _require(self.select in VISION_SELECT, "vision.select", f"must be one of {VISION_SELECT}, got {self.select!r}")
+        _require(
+            self.resize_mode in RESIZE_MODES,
+            "vision.resize_mode",
+            f"must be one of {RESIZE_MODES}, got {self.resize_mode!r}",
+        )
+        _require(self.image_size > 0, "vision.image_size", f"must be positive, got {self.image_size}")
+        _require(len(self.image_mean) == 3, "vision.image_mean", "must have 3 values")
+        _require(len(self.image_std) == 3, "vision.image_std", "must have 3 values")
+        _require(all(s > 0 for s in self.image_std), "vision.image_std", "must be positive")
+        _require("model_type" in self.hf_config, "vision.hf_config", "must contain 'model_type'")
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps visual tokens into the language model's embedding space."""
+
+    type: str = "mlp"  # registry name: linear | mlp | resampler | ...
+    depth: int = 2  # mlp: number of Linear layers (2 = LLaVA-1.5 mlp2x_gelu)
+    num_queries: int = 64  # resampler: output tokens per image, independent of the input count
+    num_layers: int = 2  # resampler: cross-attention blocks
+    num_heads: int = 8  # resampler: attention heads
+
+    def validate(self) -> None:
+        _require(bool(self.type), "projector.type", "must be a non-empty registry name")
+        _require(self.depth >= 1, "projector.depth", f"must be >= 1, got {self.depth}")
+        _require(self.num_queries >= 1, "projector.num_queries", f"must be >= 1, got {self.num_queries}")
+        _require(self.num_layers >= 1, "projector.num_layers", f"must be >= 1, got {self.num_layers}")
+        _require(self.num_heads >= 1, "projector.num_heads", f"must be >= 1, got {self.num_heads}")
+
+
+@dataclass
+class LanguageConfig:
+    """A transformers causal LM, fed through ``inputs_embeds``."""
+
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    def validate(self) -> None:
+        _require("model_type" in self.hf_config, "language.hf_config", "must contain 'model_type'")
+
+
+@dataclass
+class PromptConfig:
+    """How conversations become tokens."""
+
+    # "auto": the tokenizer's own chat template if it has one, else "llava-v1"; or a built-in name
+    template: str = "auto"
+    image_token: str = "<image>"
+    image_token_id: int | None = None  # filled in when the token is added to the tokenizer
+    system: str | None = None  # overrides the template's default system prompt
+
+    def validate(self) -> None:
+        _require(bool(self.image_token), "prompt.image_token", "must be a non-empty string")
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    vlmkit_version: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        _require(
+            self.vlmkit_version <= SCHEMA_VERSION,
+            "vlmkit_version",
+            f"schema {self.vlmkit_version} is newer than this vlmkit understands ({SCHEMA_VERSION}); upgrade vlmkit",
+        )
+        for part in (self.vision, self.projector, self.language, self.prompt):
+            part.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
+        config = _from_dict(cls, data, prefix="")
+        config.validate()
+        return config
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> VLMConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        return cls.from_dict(data)
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{name}' {message}")
+
+
+def _from_dict(cls: type, data: Any, *, prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, checking names and types recursively."""
+    where = prefix.rstrip(".") or "<root>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config field '{where}' must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
+    kwargs = {name: _coerce(hints[name], value, name=f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, *, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, prefix=f"{name}.")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name=name)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config field '{name}' must be a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, name=name) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{name}' must be an object, got {type(value).__name__}")
+        return dict(value)
+    return _check_scalar(hint, value, name=name)
+
+
+def _check_scalar(hint: Any, value: Any, *, name: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config field '{name}' must be {hint.__name__}, got bool")
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"config field '{name}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,19 @@
+"""Text generation from ``inputs_embeds``: our own KV-cached greedy / sampling / beam-search decode loop.
+
+``generate`` and ``stream`` take a transformers causal LM plus left-padded prompt embeddings (text embeddings,
+possibly with image features spliced in) and do not care where those came from.
+"""
+
+from vlmkit.generation.config import GenerationConfig, GenerationResult
+from vlmkit.generation.decode import decode_step, generate, prefill, stream
+from vlmkit.generation.sampling import select_next_tokens
+
+__all__ = [
+    "GenerationConfig",
+    "GenerationResult",
+    "decode_step",
+    "generate",
+    "prefill",
+    "select_next_tokens",
+    "stream",
+]

@@ -1,0 +1,112 @@
+"""Generation settings and results: plain dataclasses, no torch import.
+
+``GenerationConfig.validate`` names the offending argument in its ``ValueError`` and ``from_kwargs`` rejects
+unknown keywords with a ``TypeError`` naming them, so a typo (``max_tokens=``) never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop."""
+
+    max_new_tokens: int = 128
+    # 0 = greedy (argmax); > 0 = sample from softmax(logits / temperature)
+    temperature: float = 0.0
+    # nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p (sampling only)
+    top_p: float = 1.0
+    # keep only the k most likely tokens; 0 = off (sampling only)
+    top_k: int = 0
+    # > 1 = beam search (deterministic; cannot be combined with temperature > 0)
+    num_beams: int = 1
+    # generation stops as soon as the decoded text contains one; the returned text is cut before it
+    stop: tuple[str, ...] = ()
+    # seeds a private torch.Generator: reproducible sampling that leaves torch's global RNG alone
+    seed: int | None = None
+    # CTRL-style penalty on tokens generated so far (1.0 = off), as transformers' RepetitionPenaltyLogitsProcessor
+    repetition_penalty: float = 1.0
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid argument."""
+        _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an int >= 1", self)
+        _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0", self)
+        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self)
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an int >= 0 (0 = off)", self)
+        _require(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "an int >= 1", self)
+        _require(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            "a number > 0 (1.0 = off)",
+            self,
+        )
+        _require(self.seed is None or _is_int(self.seed), "seed", "an int or None", self)
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError(
+                f"num_beams={self.num_beams} (beam search) cannot be combined with temperature={self.temperature}; "
+                "use temperature=0 with beams, or num_beams=1 to sample"
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> GenerationConfig:
+        """Build and validate a config; unknown keywords raise ``TypeError`` naming them.
+
+        ``stop`` may be a single string or any iterable of strings; ``None`` means no stop strings.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [name for name in kwargs if name not in known]
+        if unknown:
+            raise TypeError(
+                f"unknown generation argument(s) {', '.join(map(repr, unknown))}; expected one of {sorted(known)}"
+            )
+        if "stop" in kwargs:
+            kwargs["stop"] = _as_stop_tuple(kwargs["stop"])
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+
+@dataclass
+class GenerationResult:
+    """One entry per batch row, in input order."""
+
+    # generated ids: no prompt, no eos (a stop string's tokens are kept; only the text is cut)
+    token_ids: list[list[int]]
+    # decoded with skip_special_tokens=True, cut before the earliest stop string
+    texts: list[str]
+    # "stop" (eos or stop string) | "length" (max_new_tokens reached)
+    finish_reasons: list[str]
+
+
+def _as_stop_tuple(stop: str | Iterable[str] | None) -> tuple[str, ...] | Any:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, Iterable):
+        return tuple(stop)
+    return stop  # validate() reports it
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, name: str, expected: str, config: GenerationConfig) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}")

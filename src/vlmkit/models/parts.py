@@ -1,0 +1,130 @@
+"""Load the parts of a VLM (vision tower, language model) from local transformers directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmkit.config import CLIP_MEAN, CLIP_STD, VisionConfig
+from vlmkit.models.io import ModelDirError, check_no_pickle_only
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# vision-only class for each checkpoint type (dual-tower CLIP/SigLIP checkpoints load their vision half)
+_VISION_CLASSES = {
+    "clip": "CLIPVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+    "dinov2": "Dinov2Model",
+    "vit": "ViTModel",
+}
+_DEFAULT_NORM = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelDirError(f"{path.parent}: no {path.name} found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelDirError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    return data
+
+
+def hf_config_dict(config: Any) -> dict[str, Any]:
+    """A transformers config as plain JSON data: only non-default fields, so it stays readable and stable."""
+    return json.loads(json.dumps(config.to_diff_dict()))
+
+
+def check_model_dir(directory: str | Path) -> Path:
+    path = Path(directory).expanduser()
+    if not path.exists():
+        raise ModelDirError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise ModelDirError(f"not a directory: {path}")
+    return path
+
+
+def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers vision model from a local dir (CLIP/SigLIP full checkpoints give their vision half)."""
+    import transformers
+
+    path = check_model_dir(source)
+    model_type = read_json(path / "config.json").get("model_type")
+    class_name = _VISION_CLASSES.get(model_type)  # type: ignore[arg-type]
+    if class_name is None:
+        raise ModelDirError(
+            f"{path}: vision tower model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(sorted(set(_VISION_CLASSES)))})"
+        )
+    check_no_pickle_only(path)
+    return getattr(transformers, class_name).from_pretrained(path, dtype=dtype)
+
+
+def vision_config_for(
+    *, tower: nn.Module, source: str | Path, overrides: dict[str, Any]
+) -> VisionConfig:
+    """VisionConfig from the tower's config and its preprocessor_config.json, then user overrides."""
+    hf = tower.config
+    kind = hf.model_type.replace("_vision_model", "")
+    mean, std = _DEFAULT_NORM.get(kind, (CLIP_MEAN, CLIP_STD))
+    size, mode = hf.image_size, "resize" if kind == "siglip" else "crop"
+    pre_path = Path(source) / "preprocessor_config.json"
+    if pre_path.exists():
+        pre = read_json(pre_path)
+        mean = tuple(pre.get("image_mean", mean))
+        std = tuple(pre.get("image_std", std))
+        size = _preprocessor_size(pre, default=size)
+        mode = "crop" if pre.get("do_center_crop") else "resize"
+    fields: dict[str, Any] = {
+        "hf_config": hf_config_dict(hf),
+        "image_size": size,
+        "resize_mode": mode,
+        "image_mean": mean,
+        "image_std": std,
+        "source": str(source),
+    }
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return VisionConfig(**fields)
+
+
+def _preprocessor_size(pre: dict[str, Any], *, default: int) -> int:
+    crop = pre.get("crop_size")
+    if pre.get("do_center_crop") and isinstance(crop, dict) and "height" in crop:
+        return int(crop["height"])
+    size = pre.get("size")
+    if isinstance(size, dict):
+        return int(size.get("shortest_edge") or size.get("height") or default)
+    if isinstance(size, int):
+        return size
+    return default
+
+
+def load_language_model(source: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(source)
+    read_json(path / "config.json")
+    check_no_pickle_only(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    path = check_model_dir(source)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path}: could not load a tokenizer ({exc})") from None
