@@ -39,7 +39,10 @@ def assert_user_error(result, *, contains: str = "") -> str:
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-parts")
-    return {"vision": tiny.save_vision(root / "clip", "clip"), "language": tiny.save_language(root / "llama", "llama")}
+    return {
+        "vision": tiny.save_vision(root / "clip", "clip"),
+        "language": tiny.save_language(root / "llama", "llama"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,9 @@ def pictures(tmp_path_factory) -> dict[str, Path]:
 
 def test_help_is_fast_and_lazy():
     code = "import sys, vlmkit.cli.main; print('torch' in sys.modules, 'transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL
+    ).stdout
     assert out.split() == ["False", "False"]
     result = run("--help")
     assert result.exit_code == 0
@@ -124,7 +129,9 @@ def test_chat_keeps_history_and_images(model_dir, pictures):
     script = f"/image {pictures['red']}\nWhat colour is it?\n/image missing.png\nAre you sure?\n"
     result = run("chat", "--model", model_dir, *GEN, input=script)
     assert result.exit_code == 0, result.output
-    assert result.stderr.count("error: ") == 1 and "missing.png" in result.stderr  # bad /image: reported, chat goes on
+    assert (
+        result.stderr.count("error: ") == 1 and "missing.png" in result.stderr
+    )  # bad /image: reported, chat goes on
 
     vlm = VLM.from_pretrained(model_dir)
     red = Image.open(pictures["red"]).convert("RGB")
@@ -175,7 +182,18 @@ def test_user_errors_are_one_line(case, contains, model_dir, pictures, pickle_on
         "pickle-only weights": ["info", "--model", pickle_only_dir],
         "placeholder mismatch": ["ask", red, "-p", "<image> and <image>?", "-m", model],
         "negative temperature": ["ask", red, "-p", "hi", "-m", model, "--temperature", "-1"],
-        "beams with sampling": ["ask", red, "-p", "hi", "-m", model, "--num-beams", "2", "--temperature", "0.5"],
+        "beams with sampling": [
+            "ask",
+            red,
+            "-p",
+            "hi",
+            "-m",
+            model,
+            "--num-beams",
+            "2",
+            "--temperature",
+            "0.5",
+        ],
     }[case]
     assert_user_error(run(*args), contains=contains)
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import save_language
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tiny import save_language
 from vlmkit.generation import GenerationConfig, GenerationResult, generate, stream
-from vlmkit.generation.kv_cache import cache_kwarg, new_cache, reorder_cache
+from vlmkit.generation.kv_cache import cache_kwarg, new_cache, reorder_cache, reorder_layer_tensors
 from vlmkit.generation.sampling import top_k_filter, top_p_filter
 from vlmkit.generation.stopping import StopStrings
 
@@ -49,7 +49,9 @@ def embed(lm: Any, tokenizer: Any, prompts: tuple[str, ...] | list[str]) -> tupl
         return lm.get_input_embeddings()(padded), mask
 
 
-def run(lm: Any, tokenizer: Any, prompts: Any, eos: list[int] | None = NO_EOS, **kwargs: Any) -> GenerationResult:
+def run(
+    lm: Any, tokenizer: Any, prompts: Any, eos: list[int] | None = NO_EOS, **kwargs: Any
+) -> GenerationResult:
     embeds, mask = embed(lm, tokenizer, prompts)
     config = GenerationConfig.from_kwargs(**kwargs)
     return generate(
@@ -136,7 +138,9 @@ def test_default_eos_comes_from_model_and_tokenizer(models: dict[str, tuple[Any,
 
     def favour_eos(_module: Any, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.clone()
-        logits[..., tokenizer.eos_token_id] += 100.0  # bias the head (a hook, so the shared model is untouched)
+        logits[..., tokenizer.eos_token_id] += (
+            100.0  # bias the head (a hook, so the shared model is untouched)
+        )
         return logits
 
     handle = lm.lm_head.register_forward_hook(favour_eos)
@@ -193,15 +197,21 @@ def test_stop_strings_match_transformers(models: dict[str, tuple[Any, Any]], num
     assert ours.texts[0] == free.texts[0][: free.texts[0].index(stop)]
 
 
-def test_cache_reorder_selects_rows(models: dict[str, tuple[Any, Any]]) -> None:
+def test_cache_reorder_selects_rows_with_and_without_the_helper(models: dict[str, tuple[Any, Any]]) -> None:
     lm, tokenizer = models["llama"]
     embeds, mask = embed(lm, tokenizer, PROMPTS[:2])
-    cache = new_cache(lm)
+    caches = [new_cache(lm), new_cache(lm)]
     with torch.no_grad():
-        lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **{cache_kwarg(lm): cache})
-    keys = cache.layers[0].keys.clone()
-    reorder_cache(cache, torch.tensor([1, 1, 0]))
-    assert torch.equal(cache.layers[0].keys, keys[[1, 1, 0]])
+        for cache in caches:
+            lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **{cache_kwarg(lm): cache})
+    keys = [layer.keys.clone() for layer in caches[0].layers]
+    values = [layer.values.clone() for layer in caches[0].layers]
+    index = torch.tensor([1, 1, 0])
+    reorder_cache(caches[0], index)
+    reorder_layer_tensors(caches[1], index)  # the path for releases whose cache lacks reorder_cache
+    for cache in caches:
+        assert all(torch.equal(layer.keys, k[index]) for layer, k in zip(cache.layers, keys, strict=True))
+        assert all(torch.equal(layer.values, v[index]) for layer, v in zip(cache.layers, values, strict=True))
 
 
 # --- sampling -------------------------------------------------------------------------------------------
@@ -214,35 +224,43 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model: tupl
     again = run(lm, tokenizer, PROMPTS, temperature=1.0, seed=7, max_new_tokens=16).token_ids
     assert torch.equal(rng_before, torch.get_rng_state())
     assert first == again
-    others = [run(lm, tokenizer, PROMPTS, temperature=1.0, seed=s, max_new_tokens=16).token_ids for s in (8, 9, 10)]
+    others = [
+        run(lm, tokenizer, PROMPTS, temperature=1.0, seed=s, max_new_tokens=16).token_ids for s in (8, 9, 10)
+    ]
     assert any(other != first for other in others)
 
 
 def test_top_k_one_sampling_equals_greedy(model: tuple[Any, Any]) -> None:
     lm, tokenizer = model
     greedy = run(lm, tokenizer, PROMPTS, max_new_tokens=12).token_ids
-    assert run(lm, tokenizer, PROMPTS, temperature=1.5, top_k=1, seed=0, max_new_tokens=12).token_ids == greedy
+    assert (
+        run(lm, tokenizer, PROMPTS, temperature=1.5, top_k=1, seed=0, max_new_tokens=12).token_ids == greedy
+    )
 
 
 def test_tiny_top_p_sampling_equals_greedy(models: dict[str, tuple[Any, Any]]) -> None:
     lm, tokenizer = models["llama"]
     greedy = run(lm, tokenizer, PROMPTS, max_new_tokens=8).token_ids
-    assert run(lm, tokenizer, PROMPTS, temperature=1.0, top_p=1e-6, seed=0, max_new_tokens=8).token_ids == greedy
+    assert (
+        run(lm, tokenizer, PROMPTS, temperature=1.0, top_p=1e-6, seed=0, max_new_tokens=8).token_ids == greedy
+    )
 
 
-def test_repetition_penalty_matches_transformers(model: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_repetition_penalty_matches_transformers(model: tuple[Any, Any], num_beams: int) -> None:
     # Unpadded prompts only: with inputs_embeds, transformers >= 5.2x skips the first <pad count> *generated*
     # tokens of a padded row (prompt_ignore_length meant for prompt ids); we penalise every generated token, so
     # our padded batch equals each prompt alone instead.
     lm, tokenizer = model
+    options = dict(num_beams=num_beams, repetition_penalty=2.5, max_new_tokens=12)
     alone = []
     for prompt in PROMPTS:
-        expected = hf_generate(lm, tokenizer, [prompt], do_sample=False, repetition_penalty=3.0, max_new_tokens=16)
-        ours = run(lm, tokenizer, [prompt], eos=None, repetition_penalty=3.0, max_new_tokens=16).token_ids
+        expected = hf_generate(lm, tokenizer, [prompt], do_sample=False, **options)
+        ours = run(lm, tokenizer, [prompt], eos=None, **options).token_ids
         assert ours == expected
         alone += ours
-    assert run(lm, tokenizer, PROMPTS, eos=None, repetition_penalty=3.0, max_new_tokens=16).token_ids == alone
-    assert alone != run(lm, tokenizer, PROMPTS, eos=None, max_new_tokens=16).token_ids
+    assert run(lm, tokenizer, PROMPTS, eos=None, **options).token_ids == alone
+    assert alone != run(lm, tokenizer, PROMPTS, eos=None, num_beams=num_beams, max_new_tokens=12).token_ids
 
 
 def test_top_k_and_top_p_filters() -> None:
@@ -298,7 +316,13 @@ def test_stream_rejects_beams_and_batches(models: dict[str, tuple[Any, Any]]) ->
     lm, tokenizer = models["llama"]
     embeds, mask = embed(lm, tokenizer, PROMPTS)
     with pytest.raises(ValueError, match="num_beams"):
-        stream(lm, inputs_embeds=embeds[:1], attention_mask=mask[:1], tokenizer=tokenizer, config=GenerationConfig(num_beams=2))
+        stream(
+            lm,
+            inputs_embeds=embeds[:1],
+            attention_mask=mask[:1],
+            tokenizer=tokenizer,
+            config=GenerationConfig(num_beams=2),
+        )
     with pytest.raises(ValueError, match="batch of 1"):
         stream(lm, inputs_embeds=embeds, attention_mask=mask, tokenizer=tokenizer, config=GenerationConfig())
 
@@ -316,7 +340,13 @@ def test_right_padding_is_rejected(models: dict[str, tuple[Any, Any]]) -> None:
     lm, tokenizer = models["llama"]
     embeds, mask = embed(lm, tokenizer, PROMPTS)
     with pytest.raises(ValueError, match="left padded"):
-        generate(lm, inputs_embeds=embeds, attention_mask=mask.flip(-1), tokenizer=tokenizer, config=GenerationConfig())
+        generate(
+            lm,
+            inputs_embeds=embeds,
+            attention_mask=mask.flip(-1),
+            tokenizer=tokenizer,
+            config=GenerationConfig(),
+        )
 
 
 # --- config ---------------------------------------------------------------------------------------------
@@ -350,3 +380,4 @@ def test_config_from_kwargs() -> None:
     config = GenerationConfig.from_kwargs(stop="###", temperature=0.5, seed=1)
     assert config.stop == ("###",) and config.do_sample and config.seed == 1
     assert GenerationConfig.from_kwargs(stop=None).stop == ()
+    assert GenerationConfig(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]

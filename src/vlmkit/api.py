@@ -128,17 +128,29 @@ class VLM:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None
+        cls,
+        path: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        vision_tower: str | Path | None = None,
     ) -> VLM:
-        """Load a vlmkit directory (or, with no path, the shipped default model)."""
+        """Load a vlmkit, llava-hf or original-LLaVA directory (with no path: the shipped default model).
+
+        ``vision_tower`` is the local tower directory an original LLaVA checkpoint refers to by hub id.
+        """
         directory = DEFAULT_MODEL_DIR if path is None else Path(path).expanduser()
         if path is None and not directory.exists():
             raise ModelDirError("no default model is bundled with this install; pass a model directory")
         check_model_dir(directory)
         raw = read_json(directory / "config.json")
-        if "vlmkit_version" not in raw:
-            raise ModelDirError(_unknown_layout_message(directory, raw))
-        vlm = cls._load_vlmkit(directory, raw=raw, dtype=resolve_dtype(dtype))
+        if "vlmkit_version" in raw:
+            vlm = cls._load_vlmkit(directory, raw=raw, dtype=resolve_dtype(dtype))
+        else:
+            from vlmkit.models.convert import load_foreign
+
+            model, tokenizer = load_foreign(directory, raw=raw, dtype=resolve_dtype(dtype), vision_tower=vision_tower)
+            vlm = cls(model=model, tokenizer=tokenizer)
         if device is not None:
             vlm.model.to(device)
         return vlm
@@ -257,10 +269,3 @@ def _check_overwritable(target: Path) -> None:
         config = target / "config.json"
         if not config.exists() or "vlmkit_version" not in config.read_text(errors="replace"):
             raise ModelDirError(f"refusing to overwrite {target}: it is not empty and not a vlmkit model directory")
-
-
-def _unknown_layout_message(directory: Path, raw: dict[str, Any]) -> str:
-    model_type = raw.get("model_type")
-    if model_type:
-        return f"{directory}: a transformers '{model_type}' checkpoint, not a vlmkit model directory"
-    return f"{directory}: config.json is not a vlmkit model config (no 'vlmkit_version')"

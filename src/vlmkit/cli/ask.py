@@ -34,8 +34,11 @@ def ask_command(
     ],
     images: Annotated[
         list[str] | None,
-        typer.Argument(metavar="IMAGE", help="Image files (PNG, JPEG, ...); '-' reads one from stdin.",
-                       show_default=False),
+        typer.Argument(
+            metavar="IMAGE",
+            help="Image files (PNG, JPEG, ...); '-' reads one from stdin.",
+            show_default=False,
+        ),
     ] = None,
     model: ModelOption = None,
     max_new_tokens: MaxNewTokens = None,
@@ -45,7 +48,9 @@ def ask_command(
     num_beams: NumBeams = None,
     stop: Stop = None,
     seed: Seed = None,
-    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated.")] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated.")
+    ] = False,
     as_json: JsonOption = False,
     dtype: DTypeOption = DType.auto,
     device: DeviceOption = None,

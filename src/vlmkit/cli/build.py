@@ -23,16 +23,24 @@ class ResizeMode(str, Enum):
 
 
 def build_command(
-    vision: Annotated[str, typer.Option("--vision", help="Local transformers vision tower dir (CLIP, SigLIP, ...).")],
-    language: Annotated[str, typer.Option("--language", help="Local transformers causal-LM dir with tokenizer.")],
+    vision: Annotated[
+        str, typer.Option("--vision", help="Local transformers vision tower dir (CLIP, SigLIP, ...).")
+    ],
+    language: Annotated[
+        str, typer.Option("--language", help="Local transformers causal-LM dir with tokenizer.")
+    ],
     projector: Annotated[
-        str, typer.Option("--projector", help="Projector type: linear, mlp or resampler (any registered name).")
+        str,
+        typer.Option("--projector", help="Projector type: linear, mlp or resampler (any registered name)."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
     feature_layer: Annotated[
-        int, typer.Option("--feature-layer", help="Vision hidden state fed to the projector (-2 = penultimate).")
+        int,
+        typer.Option("--feature-layer", help="Vision hidden state fed to the projector (-2 = penultimate)."),
     ] = -2,
-    select: Annotated[Select, typer.Option("--select", help="patch drops the CLS token, full keeps it.")] = Select.patch,
+    select: Annotated[
+        Select, typer.Option("--select", help="patch drops the CLS token, full keeps it.")
+    ] = Select.patch,
     image_size: Annotated[
         int | None, typer.Option("--image-size", min=1, help="Input resolution (default: the tower's own).")
     ] = None,
@@ -40,10 +48,15 @@ def build_command(
         ResizeMode | None, typer.Option("--resize-mode", help="Preprocessing (default: the tower's own).")
     ] = None,
     template: Annotated[
-        str, typer.Option("--template", help="Chat template: auto (the tokenizer's, else llava-v1) or a name.")
+        str,
+        typer.Option("--template", help="Chat template: auto (the tokenizer's, else llava-v1) or a name."),
     ] = "auto",
-    system: Annotated[str | None, typer.Option("--system", help="Override the template's system prompt.")] = None,
-    dtype: Annotated[DType, typer.Option("--dtype", help="Weights dtype; auto keeps the parts' own.")] = DType.auto,
+    system: Annotated[
+        str | None, typer.Option("--system", help="Override the template's system prompt.")
+    ] = None,
+    dtype: Annotated[
+        DType, typer.Option("--dtype", help="Weights dtype; auto keeps the parts' own.")
+    ] = DType.auto,
 ) -> None:
     """Compose vision tower + new projector + language model and save it as a vlmkit model dir."""
     _check_projector(projector)

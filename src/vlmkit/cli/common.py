@@ -62,9 +62,15 @@ MaxNewTokens = Annotated[
 Temperature = Annotated[
     float | None, typer.Option("--temperature", min=0.0, help="0 = greedy (default); > 0 samples.")
 ]
-TopP = Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass, (0, 1].")]
-TopK = Annotated[int | None, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens; 0 = off.")]
-NumBeams = Annotated[int | None, typer.Option("--num-beams", min=1, help="Beam search width (with temperature 0).")]
+TopP = Annotated[
+    float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass, (0, 1].")
+]
+TopK = Annotated[
+    int | None, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens; 0 = off.")
+]
+NumBeams = Annotated[
+    int | None, typer.Option("--num-beams", min=1, help="Beam search width (with temperature 0).")
+]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
 

@@ -31,7 +31,9 @@ def _print_table(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"vlmkit model {data['model'] or '(default)'}", show_header=False, title_justify="left")
+    table = Table(
+        title=f"vlmkit model {data['model'] or '(default)'}", show_header=False, title_justify="left"
+    )
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, label in _ROWS:

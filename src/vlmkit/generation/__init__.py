@@ -5,7 +5,8 @@ possibly with image features spliced in) and do not care where those came from.
 """
 
 from vlmkit.generation.config import GenerationConfig, GenerationResult
-from vlmkit.generation.decode import decode_step, generate, prefill, stream
+from vlmkit.generation.decode import generate, stream
+from vlmkit.generation.forward import decode_step, prefill
 from vlmkit.generation.sampling import select_next_tokens
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vlmkit.generation.config import GenerationConfig
-from vlmkit.generation.decode import decode_step, prefill
+from vlmkit.generation.forward import decode_step, prefill
 from vlmkit.generation.kv_cache import new_cache, reorder_cache
 from vlmkit.generation.sampling import apply_repetition_penalty
 from vlmkit.generation.stopping import RowState, StopStrings
@@ -148,7 +148,9 @@ def _beam_step(
         seen = torch.zeros_like(log_probs, dtype=torch.bool)
         seen.scatter_(1, state.running_tokens[:, :, :step].flatten(0, 1), True)
         log_probs = apply_repetition_penalty(log_probs, seen=seen, penalty=config.repetition_penalty)
-    scores, tokens, parents = _candidates(state, log_probs=log_probs.view(batch, beams, -1), keep=keep, step=step)
+    scores, tokens, parents = _candidates(
+        state, log_probs=log_probs.view(batch, beams, -1), keep=keep, step=step
+    )
     hits = torch.isin(tokens[:, :, step], eos) | (step == config.max_new_tokens - 1)
     if stops.stops:
         hits = hits | _stop_string_hits(tokens, step=step, stops=stops)
@@ -200,7 +202,9 @@ def beam_search(
     logits, mask = logits[expand], attention_mask[expand.to(attention_mask.device)]
     positions = mask.long().sum(-1, keepdim=True)  # [B * K, 1]
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
-    state = _init_beams(batch=batch, beams=beams, max_new=config.max_new_tokens, pad=pad_token_id, device=device)
+    state = _init_beams(
+        batch=batch, beams=beams, max_new=config.max_new_tokens, pad=pad_token_id, device=device
+    )
     for step in range(config.max_new_tokens):
         order, go_on = _beam_step(state, logits=logits, step=step, config=config, eos=eos, stops=stops)
         if step == config.max_new_tokens - 1 or not bool(go_on):  # the one sync per step
@@ -208,6 +212,8 @@ def beam_search(
         reorder_cache(cache, order)
         mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=-1)
         input_ids = state.running_tokens[:, :, step].reshape(-1, 1)  # [B * K, 1]
-        logits = decode_step(lm, input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache)
+        logits = decode_step(
+            lm, input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache
+        )
         positions = positions + 1
     return _best_rows(state, eos_token_ids=eos_token_ids, stops=stops)

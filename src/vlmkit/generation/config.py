@@ -32,13 +32,19 @@ class GenerationConfig:
     # CTRL-style penalty on tokens generated so far (1.0 = off), as transformers' RepetitionPenaltyLogitsProcessor
     repetition_penalty: float = 1.0
 
+    def __post_init__(self) -> None:
+        # accept a single string or a list for convenience; validate() checks the contents
+        self.stop = _as_stop_tuple(self.stop)
+
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid argument."""
-        _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an int >= 1", self)
+        _require(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an int >= 1", self
+        )
         _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0", self)
         _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self)
         _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an int >= 0 (0 = off)", self)
@@ -70,8 +76,6 @@ class GenerationConfig:
             raise TypeError(
                 f"unknown generation argument(s) {', '.join(map(repr, unknown))}; expected one of {sorted(known)}"
             )
-        if "stop" in kwargs:
-            kwargs["stop"] = _as_stop_tuple(kwargs["stop"])
         config = cls(**kwargs)
         config.validate()
         return config

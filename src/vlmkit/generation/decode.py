@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from vlmkit.generation.beam import beam_search
 from vlmkit.generation.config import GenerationConfig, GenerationResult
-from vlmkit.generation.kv_cache import accepts_logits_to_keep, cache_kwarg, new_cache
+from vlmkit.generation.forward import check_inputs, decode_step, prefill
+from vlmkit.generation.kv_cache import new_cache
 from vlmkit.generation.sampling import make_generator, mark_seen, new_seen_mask, select_next_tokens
 from vlmkit.generation.stopping import (
     RowState,
@@ -24,69 +26,6 @@ from vlmkit.generation.stopping import (
     resolve_eos_token_ids,
     resolve_pad_token_id,
 )
-
-
-def _forward_last_logits(lm: Any, *, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
-    """One forward pass that updates ``cache``; returns the last position's logits as float32.  # [batch, vocab]"""
-    kwargs: dict[str, Any] = {cache_kwarg(lm): cache, "use_cache": True, **inputs}
-    if accepts_logits_to_keep(lm):
-        kwargs["logits_to_keep"] = 1  # skip the lm_head on prompt positions
-    logits = lm(**kwargs).logits[:, -1, :]
-    return logits.to(torch.float32)
-
-
-def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions of a left-padded prompt: cumsum(mask) - 1, pads clamped to 0.  # [batch, seq]"""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def prefill(lm: Any, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Run the whole prompt, filling ``cache``; returns the logits for the first new token.
-
-    inputs_embeds   # [batch, seq, dim] left padded
-    attention_mask  # [batch, seq] 0 on pads
-    returns         # [batch, vocab] float32
-    """
-    return _forward_last_logits(
-        lm,
-        cache=cache,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=prompt_position_ids(attention_mask),
-    )
-
-
-def decode_step(
-    lm: Any,
-    *,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    cache: Any,
-) -> torch.Tensor:
-    """Feed one new token per row on top of ``cache``; returns the next logits.
-
-    input_ids       # [batch, 1]
-    attention_mask  # [batch, cached + 1] (prompt mask followed by ones)
-    position_ids    # [batch, 1]
-    returns         # [batch, vocab] float32
-    """
-    return _forward_last_logits(
-        lm, cache=cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    )
-
-
-def check_inputs(*, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """Shapes match and padding is on the left (one host sync, once per call)."""
-    if inputs_embeds.dim() != 3:
-        raise ValueError(f"inputs_embeds must be [batch, seq, dim], got shape {tuple(inputs_embeds.shape)}")
-    if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} does not match inputs_embeds "
-            f"[batch, seq] = {tuple(inputs_embeds.shape[:2])}"
-        )
-    if inputs_embeds.shape[1] == 0 or not bool(attention_mask[:, -1].all()):
-        raise ValueError("attention_mask must be left padded: the last prompt position of every row must be 1")
 
 
 @torch.no_grad()
@@ -106,11 +45,12 @@ def _token_steps(
     logits = prefill(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
     device = logits.device
     generator = make_generator(seed=config.seed, device=device)
-    seen = new_seen_mask(batch=batch, vocab=logits.shape[-1], device=device) if config.repetition_penalty != 1 else None
+    penalise = config.repetition_penalty != 1
+    seen = new_seen_mask(batch=batch, vocab=logits.shape[-1], device=device) if penalise else None
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [batch]
     mask = attention_mask
-    positions = attention_mask.long().sum(-1, keepdim=True).to(device)  # [batch, 1] position of the next token
+    positions = attention_mask.long().sum(-1, keepdim=True).to(device)  # [batch, 1] next token's position
     rows = [RowState() for _ in range(batch)]
     for step in range(config.max_new_tokens):
         tokens = select_next_tokens(logits, config=config, seen=seen, generator=generator)  # [batch]
@@ -128,7 +68,9 @@ def _token_steps(
             return
         seen = mark_seen(seen, tokens=tokens) if seen is not None else None
         mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=-1)
-        logits = decode_step(lm, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache)
+        logits = decode_step(
+            lm, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache
+        )
         positions = positions + 1
 
 
@@ -174,13 +116,9 @@ def generate(
     )
     run = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config)
     if config.num_beams > 1:
-        from vlmkit.generation.beam import beam_search
-
         rows = beam_search(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops)
     else:
-        rows = []
-        for rows in _token_steps(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops):
-            pass
+        *_, rows = _token_steps(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops)  # last: all done
     texts = [stops.cut(stops.decode(row.token_ids)) for row in rows]
     return GenerationResult(
         token_ids=[list(row.token_ids) for row in rows],
@@ -205,7 +143,9 @@ def stream(
     Never yields half a UTF-8 character nor text that may still become a stop string. Beams -> ValueError.
     """
     if config.num_beams > 1:
-        raise ValueError(f"num_beams={config.num_beams}: stream supports greedy or sampling only (num_beams=1)")
+        raise ValueError(
+            f"num_beams={config.num_beams}: stream supports greedy or sampling only (num_beams=1)"
+        )
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"stream takes a batch of 1, got inputs_embeds shape {tuple(inputs_embeds.shape)}")
     eos, pad, stops = _prepare(
@@ -216,22 +156,6 @@ def stream(
         config=config,
         eos_token_ids=eos_token_ids,
     )
-    return _stream_deltas(
-        lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config, eos=eos, pad=pad, stops=stops
-    )
-
-
-def _stream_deltas(
-    lm: Any,
-    *,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    config: GenerationConfig,
-    eos: list[int],
-    pad: int,
-    stops: StopStrings,
-) -> Iterator[str]:
-    emitted = ""
     steps = _token_steps(
         lm,
         inputs_embeds=inputs_embeds,
@@ -241,6 +165,12 @@ def _stream_deltas(
         pad_token_id=pad,
         stops=stops,
     )
+    return _text_deltas(steps, stops=stops)
+
+
+def _text_deltas(steps: Iterator[list[RowState]], *, stops: StopStrings) -> Iterator[str]:
+    """Turn per-step row records (batch of 1) into text deltas that are never taken back."""
+    emitted = ""
     for (row,) in steps:
         text = stops.decode(row.token_ids)
         visible = stops.cut(text) if row.done else stops.stream_safe(text)

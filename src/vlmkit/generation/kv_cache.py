@@ -68,7 +68,12 @@ def reorder_cache(cache: Any, index: torch.Tensor) -> None:
     """
     if hasattr(cache, "reorder_cache"):
         cache.reorder_cache(index)
-        return
+    else:
+        reorder_layer_tensors(cache, index)
+
+
+def reorder_layer_tensors(cache: Any, index: torch.Tensor) -> None:
+    """``reorder_cache`` by hand: ``index_select`` on every layer's keys / values (per-layer objects or lists)."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
         for layer in layers:
@@ -76,8 +81,7 @@ def reorder_cache(cache: Any, index: torch.Tensor) -> None:
                 layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
                 layer.values = layer.values.index_select(0, index.to(layer.values.device))
         return
-    # oldest layout: parallel per-layer lists
-    for name in ("key_cache", "value_cache"):
+    for name in ("key_cache", "value_cache"):  # the older layout: parallel per-layer lists
         tensors = getattr(cache, name)
         for i, tensor in enumerate(tensors):
             if tensor.numel() > 0:

@@ -63,7 +63,9 @@ def top_p_filter(logits: torch.Tensor, *, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, *, config: GenerationConfig, seen: torch.Tensor | None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, *, config: GenerationConfig, seen: torch.Tensor | None
+) -> torch.Tensor:
     """Penalty, then (when sampling) temperature, top-k and top-p.  # [batch, vocab] -> [batch, vocab]"""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen=seen, penalty=config.repetition_penalty)
