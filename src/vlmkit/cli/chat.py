@@ -23,6 +23,7 @@ from vlmkit.cli.common import (
     Temperature,
     TopK,
     TopP,
+    VisionTowerOption,
     generation_kwargs,
     is_user_error,
     load_model,
@@ -72,11 +73,12 @@ def chat_command(
     seed: Seed = None,
     dtype: DTypeOption = DType.auto,
     device: DeviceOption = None,
+    vision_tower: VisionTowerOption = None,
 ) -> None:
     """Chat about images interactively. /image PATH attaches an image, /reset, /quit; end of input exits."""
     gen = generation_kwargs(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_beams=num_beams, stop=stop, seed=seed)  # fmt: skip
-    vlm = load_model(model, dtype=dtype, device=device)
+    vlm = load_model(model, dtype=dtype, device=device, vision_tower=vision_tower)
     interactive = sys.stdin.isatty()
     if interactive:
         note(HELP)

@@ -51,6 +51,12 @@ ModelOption = Annotated[
         show_default=False,
     ),
 ]
+VisionTowerOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--vision-tower", help="Local vision tower dir that an original LLaVA checkpoint names by hub id."
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Write machine-readable JSON to stdout.")]
 DeviceOption = Annotated[
     str | None, typer.Option("--device", help="Torch device to run on, e.g. cpu or cuda (default: cpu).")
@@ -109,14 +115,20 @@ def quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def load_model(path: Path | None, *, dtype: DType = DType.auto, device: str | None = None) -> VLM:
+def load_model(
+    path: Path | None,
+    *,
+    dtype: DType = DType.auto,
+    device: str | None = None,
+    vision_tower: Path | None = None,
+) -> VLM:
     """``VLM.from_pretrained`` with the libraries quietened; errors surface as ModelDirError/ConfigError."""
     quiet_libraries()
     from vlmkit.api import VLM
 
     if device is not None:
         check_device(device)
-    return VLM.from_pretrained(path, dtype=dtype.value, device=device)
+    return VLM.from_pretrained(path, dtype=dtype.value, device=device, vision_tower=vision_tower)
 
 
 def check_device(device: str) -> None:

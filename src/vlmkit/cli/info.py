@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmkit.cli.common import JsonOption, ModelOption, load_model, write_json
+from vlmkit.cli.common import JsonOption, ModelOption, VisionTowerOption, load_model, write_json
 
 _ROWS = (
     ("vision", "vision tower"),
@@ -17,9 +17,11 @@ _ROWS = (
 )
 
 
-def info_command(model: ModelOption = None, as_json: JsonOption = False) -> None:
+def info_command(
+    model: ModelOption = None, as_json: JsonOption = False, vision_tower: VisionTowerOption = None
+) -> None:
     """Show a model's parts, image tokens per image, chat template and parameter counts."""
-    vlm = load_model(model)
+    vlm = load_model(model, vision_tower=vision_tower)
     data = {"model": str(model) if model else None} | vlm.info()
     if as_json:
         write_json(data)

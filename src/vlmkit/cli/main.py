@@ -19,6 +19,7 @@ from vlmkit.cli.ask import ask_command
 from vlmkit.cli.build import build_command
 from vlmkit.cli.chat import chat_command
 from vlmkit.cli.common import EXIT_USER_ERROR, debug_enabled, print_error, report_exception, set_debug
+from vlmkit.cli.export import export
 from vlmkit.cli.info import info_command
 
 
@@ -105,6 +106,7 @@ app.command("ask")(ask_command)
 app.command("chat")(chat_command)
 app.command("build")(build_command)
 app.command("info")(info_command)
+app.command("export")(export)
 
 
 def main() -> None:
