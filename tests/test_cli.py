@@ -75,7 +75,7 @@ def test_help_is_fast_and_lazy():
     assert out.split() == ["False", "False"]
     result = run("--help")
     assert result.exit_code == 0
-    assert all(name in result.stdout for name in ("ask", "chat", "build", "info"))
+    assert all(name in result.stdout for name in ("ask", "chat", "build", "info", "export", "eval", "synth"))
 
 
 def test_ask_prints_answer(model_dir, pictures):

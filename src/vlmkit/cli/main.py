@@ -19,8 +19,10 @@ from vlmkit.cli.ask import ask_command
 from vlmkit.cli.build import build_command
 from vlmkit.cli.chat import chat_command
 from vlmkit.cli.common import EXIT_USER_ERROR, debug_enabled, print_error, report_exception, set_debug
+from vlmkit.cli.eval import eval_command
 from vlmkit.cli.export import export
 from vlmkit.cli.info import info_command
+from vlmkit.cli.synth import synth_command
 
 
 class VlmkitGroup(TyperGroup):
@@ -107,6 +109,8 @@ app.command("chat")(chat_command)
 app.command("build")(build_command)
 app.command("info")(info_command)
 app.command("export")(export)
+app.command("eval")(eval_command)
+app.command("synth")(synth_command)
 
 
 def main() -> None:

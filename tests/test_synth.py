@@ -1,0 +1,313 @@
+"""The synthetic data generator: determinism, answers re-derived from the saved scenes, splits, CLI.
+
+``oracle`` below answers every question from the scene JSON with its own parsing and geometry, independently of
+the generator's code, so a wrong answer in the data (or a question that does not determine its answer) fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlmkit.data import synth
+from vlmkit.data.synth import TASKS, generate_dataset, load_scenes, render_scene
+from vlmkit.data.synth_render import document_font
+from vlmkit.data.synth_scene import DocumentScene, ShapeScene, sample_document, scene_from_dict
+
+N = 45  # three records of every task
+POS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "centre",
+       (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}  # fmt: skip
+WORDS = ["zero", "one", "two", "three", "four", "five"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "set"
+    generate_dataset(out, n=N, seed=7, image_size=64, test_fraction=0.2)
+    return out
+
+
+def records(out: Path, split: str) -> list[dict]:
+    return json.loads((out / f"{split}.json").read_text())
+
+
+def image_list(record: dict) -> list[str]:
+    return record["image"] if isinstance(record["image"], list) else [record["image"]]
+
+
+# ------------------------------------------------------------------------------------------- the oracle
+
+
+def phrase(row: int, col: int) -> str:
+    name = POS[row, col]
+    return "in the centre" if name == "centre" else f"on the {name}" if row == 1 else f"at the {name}"
+
+
+def find(scene: ShapeScene, ref: str):
+    found = [s for s in scene.shapes if ref in (s.kind, f"{s.colour} {s.kind}")]
+    assert len(found) == 1, f"{ref!r} does not name exactly one shape"
+    return found[0]
+
+
+def rel_holds(rel: str, a, b) -> bool:
+    return {
+        "left of": a.col < b.col,
+        "right of": a.col > b.col,
+        "above": a.row < b.row,
+        "below": a.row > b.row,
+    }[rel]
+
+
+def count(scene: ShapeScene, what: str) -> int:
+    if what == "shapes":
+        return len(scene.shapes)
+    if what.endswith(" shapes"):
+        return sum(s.colour == what.split()[0] for s in scene.shapes)
+    return sum(f"{s.kind}s" == what for s in scene.shapes)
+
+
+def oracle_shapes(question: str, scene: ShapeScene) -> str:
+    ordered = sorted(scene.shapes, key=lambda s: (s.row, s.col))
+    if question == "Describe the image.":
+        parts = [f"a {s.size} {s.colour} {s.kind} {phrase(s.row, s.col)}" for s in ordered]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    if question == "Describe the scene in detail.":
+        n = len(ordered)
+        text = f"There are {WORDS[n]} shapes on a {scene.background} background."
+        text += "".join(f" A {s.size} {s.colour} {s.kind} is {phrase(s.row, s.col)}." for s in ordered)
+        a, b = ordered[:2]
+        rel = (
+            ("left of" if a.col < b.col else "right of")
+            if a.col != b.col
+            else "above"
+            if a.row < b.row
+            else "below"
+        )
+        return text + f" The {a.colour} {a.kind} is {rel} the {b.colour} {b.kind}."
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        return find(scene, m[1]).colour
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        (shape,) = [s for s in scene.shapes if s.colour == m[1]]
+        return shape.kind
+    if m := re.fullmatch(r"How many (.+) are there\?", question):
+        return str(count(scene, m[1]))
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", question):
+        return "yes" if any((s.colour, s.kind) == (m[1], m[2]) for s in scene.shapes) else "no"
+    if m := re.fullmatch(r"Where is the (.+)\?", question):
+        shape = find(scene, m[1])
+        return POS[shape.row, shape.col]
+    if m := re.fullmatch(r"Is the (.+) small or large\?", question):
+        return find(scene, m[1]).size
+    if m := re.fullmatch(r"Is the (.+?) (left of|right of|above|below) the (.+)\?", question):
+        a, b = find(scene, m[1]), find(scene, m[3])
+        assert rel_holds(m[2], a, b) or rel_holds(m[2], b, a), "undetermined relation"
+        return "yes" if rel_holds(m[2], a, b) else "no"
+    if m := re.fullmatch(r"What is (left of|right of|above|below) the (.+)\?", question):
+        b = find(scene, m[2])
+        (a,) = [s for s in scene.shapes if s is not b and rel_holds(m[1], s, b)]
+        return f"{a.colour} {a.kind}"
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def oracle_document(question: str, doc: DocumentScene) -> str:
+    if doc.doc_type == "receipt":
+        assert doc.total_cents == sum(cents for _, cents in doc.items)
+    answer = {
+        "Extract the date.": doc.date,
+        "What is the total?": f"{doc.total_cents // 100}.{doc.total_cents % 100:02d}",
+        "What is the invoice number?": doc.number,
+        "What is the ID number?": doc.number,
+        "Who is the invoice addressed to?": doc.name,
+        "What is the store name?": doc.name,
+        "What is the name on the form?": doc.name,
+    }[question]
+    assert answer and answer in " ".join(doc.lines()), "the answer must be visible in the rendered text"
+    return answer
+
+
+def oracle_multi(question: str, scenes: list[ShapeScene]) -> str:
+    if m := re.fullmatch(r"Which image has (?:more|the most) (.+)\?", question):
+        counts = [count(scene, m[1]) for scene in scenes]
+        assert counts.count(max(counts)) == 1, "tie"
+        return f"image {counts.index(max(counts)) + 1}"
+    assert question == "What changed between the images?"
+    first, second = scenes
+    (old, new), *others = [(a, b) for a, b in zip(first.shapes, second.shapes, strict=True) if a != b]
+    assert not others and first.background == second.background
+    if old.colour != new.colour:
+        assert (old.row, old.col) == (new.row, new.col)
+        return f"the {old.colour} {old.kind} turned {new.colour}"
+    return f"the {old.colour} {old.kind} moved to the {POS[new.row, new.col]}"
+
+
+def oracle(question: str, scenes: list) -> str:
+    if len(scenes) > 1:
+        return oracle_multi(question, scenes)
+    if isinstance(scenes[0], DocumentScene):
+        return oracle_document(question, scenes[0])
+    return oracle_shapes(question, scenes[0])
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+
+def test_answers_match_the_scene_descriptions(dataset):
+    scenes = load_scenes(dataset)
+    seen = set()
+    for split in ("train", "test"):
+        for record in records(dataset, split):
+            human, gpt = record["conversations"]
+            question = human["value"].split("\n")[-1]
+            expected = oracle(question, [scenes[path] for path in image_list(record)])
+            assert gpt["value"] == expected, (record["id"], question)
+            seen.add(record["task"])
+    assert seen == set(TASKS)
+
+
+def test_record_format_and_placeholders(dataset):
+    train, test = records(dataset, "train"), records(dataset, "test")
+    assert (len(train), len(test)) == (36, 9)
+    ids = [r["id"] for r in train + test]
+    assert len(set(ids)) == len(ids)
+    for record in train + test:
+        assert list(record) == ["id", "task", "image", "conversations"]
+        human = record["conversations"][0]
+        assert human["from"] == "human" and record["conversations"][1]["from"] == "gpt"
+        assert human["value"].count("<image>") == len(image_list(record))
+        if record["task"].startswith("multi_"):
+            assert isinstance(record["image"], list) and len(record["image"]) in (2, 3)
+        for path in image_list(record):
+            with Image.open(dataset / path) as image:
+                assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_splits_share_no_image(dataset):
+    def hashes(split: str) -> set[str]:
+        paths = [p for r in records(dataset, split) for p in image_list(r)]
+        return {hashlib.sha1(np.asarray(Image.open(dataset / p)).tobytes()).hexdigest() for p in paths}
+
+    assert not hashes("train") & hashes("test")
+
+
+def test_test_images_equal_to_train_are_redrawn(tmp_path, monkeypatch):
+    """Force a collision: the first test draw copies train record 0; the generator must draw again."""
+    original = synth.draw_sample
+    attempts = []
+
+    def colliding(*, split: str, attempt: int = 0, **kwargs):
+        attempts.append((split, attempt))
+        if split == "test" and attempt == 0:
+            return original(split="train", attempt=0, **kwargs | {"index": 0, "task": "caption"})
+        return original(split=split, attempt=attempt, **kwargs)
+
+    monkeypatch.setattr(synth, "draw_sample", colliding)
+    generate_dataset(tmp_path / "out", n=4, seed=1, test_fraction=0.25, tasks=["caption"])
+    assert ("test", 1) in attempts
+    train = np.asarray(Image.open(tmp_path / "out/images/train/000000.png"))
+    assert not np.array_equal(train, np.asarray(Image.open(tmp_path / "out/images/test/000000.png")))
+
+
+def test_same_seed_same_bytes_different_seed_differs(dataset, tmp_path):
+    again = tmp_path / "again"
+    generate_dataset(again, n=N, seed=7, image_size=64, test_fraction=0.2)
+    for name in ("train.json", "test.json", "scenes.jsonl", "synth.json"):
+        assert (again / name).read_bytes() == (dataset / name).read_bytes(), name
+    for path in sorted((dataset / "images").rglob("*.png")):
+        same = again / path.relative_to(dataset)
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(same))), path
+    other = tmp_path / "other"
+    generate_dataset(other, n=N, seed=8, image_size=64, test_fraction=0.2)
+    assert (other / "train.json").read_bytes() != (dataset / "train.json").read_bytes()
+
+
+def test_scene_round_trip_and_rendering(dataset):
+    for path, scene in load_scenes(dataset).items():
+        assert scene_from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
+        assert np.array_equal(np.asarray(render_scene(scene)), np.asarray(Image.open(dataset / path)))
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_document_text_fits_the_canvas(size):
+    font = document_font(size)
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        doc = sample_document(rng, size=size)
+        widest = max(font.getbbox(line)[2] for line in doc.lines())
+        assert widest <= size - 2, (doc.lines(), widest)
+
+
+def test_image_size_option(tmp_path):
+    counts = generate_dataset(tmp_path / "big", n=15, seed=0, image_size=96, test_fraction=0.0)
+    assert counts["test"]["records"] == 0 and counts["train"]["records"] == 15
+    with Image.open(tmp_path / "big/images/train/000008.png") as image:  # a document
+        assert image.size == (96, 96)
+
+
+def test_bad_settings_and_foreign_directories(tmp_path):
+    with pytest.raises(ValueError, match="n must be"):
+        generate_dataset(tmp_path / "a", n=0, seed=0)
+    with pytest.raises(ValueError, match="image size"):
+        generate_dataset(tmp_path / "a", n=5, seed=0, image_size=16)
+    with pytest.raises(ValueError, match="unknown task"):
+        generate_dataset(tmp_path / "a", n=5, seed=0, tasks=["vqa_colour", "juggling"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not made by vlmkit synth"):
+        generate_dataset(foreign, n=5, seed=0)
+    assert (foreign / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    generate_dataset(ours, n=20, seed=0)
+    generate_dataset(ours, n=5, seed=0, test_fraction=0.0)  # re-running replaces a previous output
+    assert len(list((ours / "images/train").iterdir())) == 5 and not list((ours / "images/test").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def cli_app() -> typer.Typer:
+    """The real app once ``synth`` is registered there; until then the same group class around the command."""
+    from vlmkit.cli.main import VlmkitGroup, app
+
+    if any(command.name == "synth" for command in app.registered_commands):
+        return app
+    from vlmkit.cli.synth import synth_command
+
+    local = typer.Typer(cls=VlmkitGroup, pretty_exceptions_enable=False)
+    local.callback()(lambda: None)
+    local.command("synth")(synth_command)
+    return local
+
+
+def test_cli_synth(tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(cli_app(), ["synth", "--out", str(out), "--n", "20", "--seed", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["train"]["records"] == 18 and data["test"]["records"] == 2
+    assert len(records(out, "train")) == 18 and (out / "scenes.jsonl").is_file()
+    plain = CliRunner().invoke(
+        cli_app(), ["synth", "--out", str(out), "--n", "5", "--tasks", "vqa_count,doc_date"]
+    )
+    assert plain.exit_code == 0 and "wrote 4 train + 1 test records" in plain.stderr
+    assert {r["task"] for r in records(out, "train")} == {"vqa_count", "doc_date"}
+
+
+def test_cli_synth_user_error_is_one_line(tmp_path):
+    result = CliRunner().invoke(
+        cli_app(), ["synth", "--out", str(tmp_path / "x"), "--n", "5", "--tasks", "nope"]
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: unknown task"), (
+        result.output
+    )
