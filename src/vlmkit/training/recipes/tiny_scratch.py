@@ -1,0 +1,203 @@
+"""Recipe ``tiny-scratch``: a small VLM trained from nothing on a user's own LLaVA-format data, on a CPU.
+
+1. A byte-level BPE tokenizer is trained on the data's text; a ViT tower, MLP projector and Llama LM are
+   created from the recipe's sizes and composed through the normal ``VLM.build`` path.
+2. Stage 1 (``vision_pretrain``): the tower learns to see from a direct question-conditioned loss.
+3. Stage 2: the tower is frozen (its features are cached) and projector + LM train on the conversations
+   with the regular trainer, under a cosine schedule sized to the time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmkit.data.dataset import Record, read_records
+
+RECIPE_DIR = Path(__file__).parent
+SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
+
+
+@dataclass
+class Recipe:
+    name: str
+    image_size: int = 64
+    patch_size: int = 8
+    vocab_size: int = 1024
+    template: str = "chatml"
+    description: str = ""
+    vision: dict[str, Any] = field(default_factory=dict)
+    language: dict[str, Any] = field(default_factory=dict)
+    stage1: dict[str, Any] = field(default_factory=dict)
+    stage2: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Recipe:
+        """A recipe by name (a JSON file shipped next to this module) or by path."""
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = RECIPE_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+            raise ValueError(f"unknown recipe {str(name_or_path)!r}; known: {', '.join(known)}")
+        data = json.loads(path.read_text())
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"recipe {path.name}: unknown field {sorted(unknown)[0]!r}")
+        return cls(**data)
+
+
+def train_tokenizer(texts: list[str], *, vocab_size: int) -> Any:
+    """Byte-level BPE over the data's own text (any string encodes; nothing maps to <unk>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    core.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<image>"],
+    )  # fmt: skip
+
+
+def _texts(records: list[Record]) -> list[str]:
+    return [m["content"].replace("<image>", " ") for r in records for m in r.messages]
+
+
+def save_parts(*, recipe: Recipe, tokenizer: Any, root: Path) -> tuple[Path, Path]:
+    """A new CLIP-style tower and a new Llama (+ tokenizer) saved as ordinary transformers directories."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    vision_dir, language_dir = root / "vision", root / "language"
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=recipe.image_size, patch_size=recipe.patch_size,
+                                             hidden_act="gelu", **recipe.vision))  # fmt: skip
+    tower.save_pretrained(vision_dir)
+    (vision_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_center_crop": False,
+        "size": {"height": recipe.image_size, "width": recipe.image_size},
+    }))  # fmt: skip
+    ids = {name: tokenizer.convert_tokens_to_ids(token)
+           for name, token in (("bos_token_id", "<s>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<pad>"))}  # fmt: skip
+    lm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **ids, **recipe.language)
+    )
+    lm.save_pretrained(language_dir)
+    tokenizer.save_pretrained(language_dir)
+    return vision_dir, language_dir
+
+
+def build_scratch_vlm(records: list[Record], *, recipe: Recipe, seed: int) -> Any:
+    """Tokenizer trained on ``records`` + new tower/LM, composed with ``VLM.build`` (the real loading path)."""
+    from vlmkit.api import VLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(_texts(records), vocab_size=recipe.vocab_size)
+    with tempfile.TemporaryDirectory(prefix="vlmkit-scratch-") as tmp:
+        vision_dir, language_dir = save_parts(recipe=recipe, tokenizer=tokenizer, root=Path(tmp))
+        # feature_layer -1: a tower trained from scratch has no "too specialised" last layer to skip
+        return VLM.build(vision=vision_dir, language=language_dir, projector="mlp", feature_layer=-1,
+                         template=recipe.template, seed=seed)  # fmt: skip
+
+
+@dataclass
+class RecipeResult:
+    out: Path
+    stage1: dict[str, float]
+    stage2_steps: int
+    stage2_loss: float | None
+    seconds: float
+    skipped: int
+
+
+def run_recipe(
+    *,
+    recipe: Recipe,
+    data: Path,
+    image_folder: Path,
+    out: Path,
+    eval_data: Path | None = None,
+    minutes_scale: float = 1.0,
+    stage1_steps: int | None = None,
+    stage2_steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> RecipeResult:
+    """Both stages end to end; the model lands in ``out`` as a normal vlmkit directory.
+
+    Budgets are the recipe's minutes (times ``minutes_scale``); ``stage1_steps`` / ``stage2_steps`` fix step
+    counts instead, for runs that must not depend on the machine's speed (tests, exact reproduction).
+    """
+    from vlmkit.training.recipes.vision_pretrain import build_triples, pretrain_vision
+
+    start = time.perf_counter()
+    torch.set_flush_denormal(True)  # denormals stall small conv/linear layers on CPU
+    records = read_records(data)
+    vlm = build_scratch_vlm(records, recipe=recipe, seed=seed)
+    processor = vlm.processor.image_processor
+    triples = build_triples(records, image_folder=image_folder, tokenizer=vlm.tokenizer, processor=processor,
+                            vocab=len(vlm.tokenizer))  # fmt: skip
+    log(f"stage 1: {len(triples.image_index)} question/answer pairs on {len(triples.images)} images")
+    s1 = recipe.stage1
+    stats = pretrain_vision(vision=vlm.model.vision, triples=triples, processor=processor,
+                            minutes=s1["minutes"] * minutes_scale, max_steps=stage1_steps, batch_size=s1["batch_size"], lr=s1["lr"],
+                            weight_decay=s1.get("weight_decay", 0.0), seed=seed, log=log)  # fmt: skip
+    result = _stage2(vlm=vlm, recipe=recipe, data=data, image_folder=image_folder, out=out, eval_data=eval_data,
+                     minutes=recipe.stage2["minutes"] * minutes_scale, steps=stage2_steps, seed=seed,
+                     progress=progress, log=log)  # fmt: skip
+    return RecipeResult(out=out, stage1=stats, stage2_steps=result.steps, stage2_loss=result.loss,
+                        seconds=time.perf_counter() - start, skipped=triples.skipped + len(result.skipped))  # fmt: skip
+
+
+def _stage2(
+    *, vlm: Any, recipe: Recipe, data: Path, image_folder: Path, out: Path, eval_data: Path | None,
+    minutes: float, steps: int | None, seed: int, progress: bool, log: Callable[[str], None],
+) -> Any:  # fmt: skip
+    from vlmkit.training.loop import TrainConfig, train
+    from vlmkit.training.stages import StageConfig
+
+    s2 = recipe.stage2
+    stage = StageConfig(stage="full", freeze_vision=True, lr=s2["lr"], lr_scales={"projector": 1.0})
+    base = dict(data=data, out=out, image_folder=image_folder, stage=stage, batch_size=s2["batch_size"],
+                warmup_ratio=s2.get("warmup_ratio", 0.03), weight_decay=s2.get("weight_decay", 0.0), seed=seed,
+                eval_data=eval_data, save_every=0, keep_last=1, log_every=10, progress=progress)  # fmt: skip
+    if steps is not None:
+        return train(vlm, TrainConfig(**base, max_steps=steps))
+    steps = _steps_for_budget(vlm=vlm, config=TrainConfig(**base, max_steps=1000), minutes=minutes)
+    log(f"stage 2: {steps} steps of batch {s2['batch_size']} in about {minutes:.1f} minutes")
+    # the schedule is sized to the budget; max_minutes is the safety net if the machine slows down
+    return train(vlm, TrainConfig(**base, max_steps=steps, max_minutes=minutes * 1.15))
+
+
+def _steps_for_budget(*, vlm: Any, config: Any, minutes: float) -> int:
+    """Time a few real optimizer steps on a throwaway copy, then size the cosine schedule to the budget."""
+    import copy
+
+    from vlmkit.training.loop import Trainer
+
+    probe = type(vlm)(model=copy.deepcopy(vlm.model), tokenizer=vlm.tokenizer)  # the VLM holds caches/locks
+    with tempfile.TemporaryDirectory(prefix="vlmkit-calibrate-") as tmp:
+        trainer = Trainer(probe, _replace(config, out=Path(tmp), progress=False, plot=False))
+        trainer.train_step(trainer.step_batches(0))  # warm-up: first step pays for allocation and caching
+        start, n = time.perf_counter(), 4
+        for step in range(1, n + 1):
+            trainer.train_step(trainer.step_batches(step))
+        per_step = (time.perf_counter() - start) / n
+    return max(10, int(minutes * 60 / per_step))
+
+
+def _replace(config: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
