@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from vlmkit.cache import (
+    FeatureCache,
+    ImageRef,
+    ModelIdentity,
+    PrefixCache,
+    feature_key,
+    image_ref,
+    prompt_codes,
+)
+from vlmkit.cache.identity import config_digest
 from vlmkit.config import SCHEMA_VERSION, LanguageConfig, ProjectorConfig, PromptConfig, VLMConfig
-from vlmkit.generation import GenerationConfig, GenerationResult, generate, stream
+from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult, PromptKV, generate, stream
+from vlmkit.generation.kv_cache import new_cache, plain_layers
+from vlmkit.generation.static_cache import DEFAULT_POOL
 from vlmkit.models.io import ModelDirError, load_weights, read_weights, save_weights
 from vlmkit.models.language import ensure_vocab
 from vlmkit.models.parts import (
@@ -27,9 +42,17 @@ from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import ImageInput, ImageProcessor
 from vlmkit.processing.processor import Sample, VLMProcessor
-from vlmkit.processing.prompting import normalize_messages
+from vlmkit.processing.prompting import normalize_messages, pad_batch
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+# LLaVA-1.5-7B: one image's features are 4.5 MiB (576 x 4096 x bf16) and one image prompt's KV ~300 MiB
+DEFAULT_FEATURE_CACHE_BYTES = 256 * 2**20
+DEFAULT_PREFIX_CACHE_BYTES = 1 * 2**30
+ENCODE_MODES = ("parallel", "sequential")
+GPU_SYNC_EVERY = 8  # decode steps queued between host syncs on GPU (non-streaming); CPU syncs every step
+# static_cache=None: preallocate from this batch size on (a dynamic cache copies all of its KV every step; measured
+# on CPU at batch 32: 87 vs 103 ms per step, no difference at batch 1 and 8)
+STATIC_CACHE_AUTO_BATCH = 16
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
@@ -58,16 +81,51 @@ def add_image_token(tokenizer: Any, prompt: PromptConfig) -> int:
     from tokenizers import AddedToken
 
     if prompt.image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(prompt.image_token, special=True, normalized=False)], special_tokens=True)
+        tokenizer.add_tokens(
+            [AddedToken(prompt.image_token, special=True, normalized=False)], special_tokens=True
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style tokenizers ship without one
     return tokenizer.convert_tokens_to_ids(prompt.image_token)
 
 
-class VLM:
-    """A model plus its processor. Create with ``VLM.build`` or ``VLM.from_pretrained``."""
+@dataclass
+class _Prepared:
+    """One request, ready for the decode loop: embeddings of the positions still to compute, the whole mask."""
 
-    def __init__(self, *, model: VisionLanguageModel, tokenizer: Any) -> None:
+    embeds: torch.Tensor  # [batch, seq - past.length, dim]
+    mask: torch.Tensor  # [batch, seq]
+    past: PromptKV | None = None
+    on_prefill: Callable[[PromptKV], None] | None = None
+
+
+class VLM:
+    """A model plus its processor. Create with ``VLM.build`` or ``VLM.from_pretrained``.
+
+    Inference options (all keep greedy answers identical; see docs/inference.md):
+    ``feature_cache_bytes`` / ``feature_cache_dir`` / ``feature_cache_disk_bytes`` - projected image features by
+    image content (0 = off; the dir adds a safetensors disk tier); ``prefix_cache_bytes`` - KV of earlier prompts
+    reused by later ones sharing a prefix (batch-1 requests; 0 = off); ``compile`` - ``torch.compile`` the decode
+    step (``True`` or a dict of compile options), over a static cache; ``static_cache`` - a preallocated cache
+    without compiling (``None``: from batch 16 on); ``sync_every`` - decode steps between host syncs (default: 1 on CPU, 8 on GPU);
+    ``encode_mode`` - ``"parallel"`` (all new images of a request through the encoder at once) or
+    ``"sequential"`` (one at a time: lower peak memory).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: VisionLanguageModel,
+        tokenizer: Any,
+        feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
+        feature_cache_dir: str | Path | None = None,
+        feature_cache_disk_bytes: int | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        compile: bool | dict[str, Any] = False,
+        static_cache: bool | None = None,
+        sync_every: int | None = None,
+        encode_mode: str = "parallel",
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.processor = VLMProcessor(
@@ -76,6 +134,74 @@ class VLM:
             prompt=model.config.prompt,
             num_image_tokens=model.num_image_tokens,
         )
+        self._encoder_identity = ModelIdentity(
+            [model.vision, model.projector],
+            settings=[repr(model.config.vision), repr(model.config.projector)],
+        )
+        self._lm_identity = ModelIdentity([model.language_model], settings=repr(model.config.language))
+        self._preprocess_digest = config_digest(self.processor.image_processor.to_dict())
+        self.enable_caches(feature_cache_bytes=feature_cache_bytes, feature_cache_dir=feature_cache_dir,
+                           feature_cache_disk_bytes=feature_cache_disk_bytes,
+                           prefix_cache_bytes=prefix_cache_bytes)  # fmt: skip
+        self.set_decoding(compile=compile, static_cache=static_cache, sync_every=sync_every)
+        self.set_encode_mode(encode_mode)
+
+    # ----------------------------------------------------------------------------------- inference options
+
+    def enable_caches(
+        self,
+        *,
+        feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
+        feature_cache_dir: str | Path | None = None,
+        feature_cache_disk_bytes: int | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    ) -> VLM:
+        """Replace both caches (empty) with these sizes; 0 bytes turns one off. Returns self."""
+        self.feature_cache = FeatureCache(
+            max_bytes=feature_cache_bytes, disk_dir=feature_cache_dir, disk_max_bytes=feature_cache_disk_bytes
+        )
+        self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
+        return self
+
+    def set_decoding(
+        self,
+        *,
+        compile: bool | dict[str, Any] = False,
+        static_cache: bool | None = None,
+        sync_every: int | None = None,
+    ) -> VLM:
+        """Choose how the decode loop runs (``compile`` implies a static cache). Returns self."""
+        self.decode_options = DecodeOptions(
+            static_cache=bool(static_cache), compile=compile, sync_every=sync_every or 1
+        )
+        self._static_auto = static_cache is None
+        self._sync_every = sync_every
+        return self
+
+    def set_encode_mode(self, mode: str) -> VLM:
+        """``"parallel"`` or ``"sequential"`` image encoding (see the class docstring). Returns self."""
+        if mode not in ENCODE_MODES:
+            raise ValueError(f"encode_mode must be one of {ENCODE_MODES}, got {mode!r}")
+        self.encode_mode = mode
+        return self
+
+    def clear_caches(self, *, static_kv: bool = False) -> None:
+        """Empty the feature cache (memory tier) and the prefix cache, resetting their counters.
+
+        ``static_kv=True`` also frees the idle preallocated KV caches; they hold no results, only buffers whose
+        addresses compiled CUDA graphs are recorded against, so by default they stay.
+        """
+        self.feature_cache.clear()
+        self.prefix_cache.clear()
+        if static_kv:
+            DEFAULT_POOL.clear()
+
+    def _decode_options(self, *, batch: int) -> DecodeOptions:
+        sync = self._sync_every or (
+            1 if self.model.device.type == "cpu" else GPU_SYNC_EVERY
+        )  # CPU syncs are free
+        static = self.decode_options.static_cache or (self._static_auto and batch >= STATIC_CACHE_AUTO_BATCH)
+        return dataclasses.replace(self.decode_options, sync_every=sync, static_cache=static)
 
     @property
     def config(self) -> VLMConfig:
@@ -98,8 +224,12 @@ class VLM:
         system: str | None = None,
         dtype: str | torch.dtype | None = None,
         seed: int = 0,
+        **options: Any,
     ) -> VLM:
-        """Compose a new VLM from a local vision tower dir and a local causal-LM dir (projector freshly initialised)."""
+        """Compose a new VLM from a local vision tower dir and a local causal-LM dir (projector freshly initialised).
+
+        ``options`` are the constructor's inference options (caches, compile, ...).
+        """
         torch_dtype = resolve_dtype(dtype)
         tower = load_vision_tower(vision, dtype=torch_dtype)
         vision_cfg = vision_config_for(
@@ -113,7 +243,9 @@ class VLM:
         prompt = PromptConfig(template=template, system=system)
         prompt.image_token_id = add_image_token(tokenizer, prompt)
         ensure_vocab(language_model, size=len(tokenizer))
-        projector_cfg = projector if isinstance(projector, ProjectorConfig) else ProjectorConfig(type=projector)
+        projector_cfg = (
+            projector if isinstance(projector, ProjectorConfig) else ProjectorConfig(type=projector)
+        )
         config = VLMConfig(
             vision=vision_cfg,
             projector=projector_cfg,
@@ -124,7 +256,7 @@ class VLM:
         model = VisionLanguageModel(
             config=config, vision=VisionEncoder(config=vision_cfg, model=tower), language_model=language_model
         )
-        return cls(model=model.to(language_model.dtype), tokenizer=tokenizer)
+        return cls(model=model.to(language_model.dtype), tokenizer=tokenizer, **options)
 
     @classmethod
     def from_pretrained(
@@ -134,10 +266,12 @@ class VLM:
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
         vision_tower: str | Path | None = None,
+        **options: Any,
     ) -> VLM:
         """Load a vlmkit, llava-hf or original-LLaVA directory (with no path: the shipped default model).
 
-        ``vision_tower`` is the local tower directory an original LLaVA checkpoint refers to by hub id.
+        ``vision_tower`` is the local tower directory an original LLaVA checkpoint refers to by hub id;
+        ``options`` are the constructor's inference options (caches, compile, ...).
         """
         directory = DEFAULT_MODEL_DIR if path is None else Path(path).expanduser()
         if path is None and not directory.exists():
@@ -145,25 +279,29 @@ class VLM:
         check_model_dir(directory)
         raw = read_json(directory / "config.json")
         if "vlmkit_version" in raw:
-            vlm = cls._load_vlmkit(directory, raw=raw, dtype=resolve_dtype(dtype))
+            vlm = cls._load_vlmkit(directory, raw=raw, dtype=resolve_dtype(dtype), options=options)
         else:
             from vlmkit.models.convert import load_foreign
 
-            model, tokenizer = load_foreign(directory, raw=raw, dtype=resolve_dtype(dtype), vision_tower=vision_tower)
-            vlm = cls(model=model, tokenizer=tokenizer)
+            model, tokenizer = load_foreign(
+                directory, raw=raw, dtype=resolve_dtype(dtype), vision_tower=vision_tower
+            )
+            vlm = cls(model=model, tokenizer=tokenizer, **options)
         if device is not None:
             vlm.model.to(device)
         return vlm
 
     @classmethod
-    def _load_vlmkit(cls, directory: Path, *, raw: dict[str, Any], dtype: torch.dtype | None) -> VLM:
+    def _load_vlmkit(
+        cls, directory: Path, *, raw: dict[str, Any], dtype: torch.dtype | None, options: dict[str, Any]
+    ) -> VLM:
         config = VLMConfig.from_dict(raw)
         state = read_weights(directory)
         model = VisionLanguageModel(config=config)
         load_weights(model, state, source=directory)
         stored = next(iter(state.values())).dtype if state else torch.float32
         model.to(dtype or stored)
-        return cls(model=model, tokenizer=load_tokenizer(directory))
+        return cls(model=model, tokenizer=load_tokenizer(directory), **options)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.json + safetensors + tokenizer files. Written aside first, so a failure loses nothing."""
@@ -184,12 +322,18 @@ class VLM:
 
     # ---------------------------------------------------------------------------------------------- asking
 
-    def ask(self, prompt: str, *, images: ImageInput | Sequence[ImageInput] | None = None, **generation: Any) -> str:
+    def ask(
+        self, prompt: str, *, images: ImageInput | Sequence[ImageInput] | None = None, **generation: Any
+    ) -> str:
         """Answer ``prompt`` about ``images`` (paths, bytes or PIL). Images without placeholders are prepended."""
         return self.ask_batch([prompt], images=[_as_list(images)], **generation)[0]
 
     def ask_batch(
-        self, prompts: Sequence[str], *, images: Sequence[Sequence[ImageInput]] | None = None, **generation: Any
+        self,
+        prompts: Sequence[str],
+        *,
+        images: Sequence[Sequence[ImageInput]] | None = None,
+        **generation: Any,
     ) -> list[str]:
         """Answer several prompts in one left-padded batch; ``images[i]`` belongs to ``prompts[i]``."""
         images = images if images is not None else [[] for _ in prompts]
@@ -206,11 +350,19 @@ class VLM:
     ) -> Iterator[str]:
         """Yield the answer incrementally; ``"".join(...)`` equals ``ask`` for greedy decoding."""
         image_list = _as_list(images)
-        sample = Sample(messages=self.processor.user_prompt(prompt, num_images=len(image_list)), images=image_list)
-        embeds, mask = self._prefill_inputs([sample])
+        sample = Sample(
+            messages=self.processor.user_prompt(prompt, num_images=len(image_list)), images=image_list
+        )
+        return self.stream_sample(sample, **generation)
+
+    def stream_sample(self, sample: Sample, *, tokenizer: Any = None, **generation: Any) -> Iterator[str]:
+        """``stream`` for a prepared ``Sample`` (any conversation); ``tokenizer`` may wrap ``self.tokenizer``
+        (e.g. to count decoded tokens) and is what the loop decodes with."""
         config = GenerationConfig.from_kwargs(**generation)
-        return stream(self.model.language_model, inputs_embeds=embeds, attention_mask=mask,
-                      tokenizer=self.tokenizer, config=config)  # fmt: skip
+        prepared = self._prepare([sample], config=config)
+        return stream(self.model.language_model, inputs_embeds=prepared.embeds, attention_mask=prepared.mask,
+                      tokenizer=tokenizer or self.tokenizer, config=config, options=self._decode_options(batch=1),
+                      past=prepared.past, on_prefill=prepared.on_prefill)  # fmt: skip
 
     def chat(self, messages: list[dict[str, Any]], **generation: Any) -> str:
         """OpenAI-style messages (text, ``image_url`` data URLs, ``image`` parts) -> the assistant's reply."""
@@ -219,17 +371,100 @@ class VLM:
 
     def generate(self, samples: Sequence[Sample], **generation: Any) -> GenerationResult:
         config = GenerationConfig.from_kwargs(**generation)
-        embeds, mask = self._prefill_inputs(samples)
-        return generate(self.model.language_model, inputs_embeds=embeds, attention_mask=mask,
-                        tokenizer=self.tokenizer, config=config)  # fmt: skip
+        prepared = self._prepare(samples, config=config)
+        return generate(self.model.language_model, inputs_embeds=prepared.embeds, attention_mask=prepared.mask,
+                        tokenizer=self.tokenizer, config=config, options=self._decode_options(batch=len(samples)),
+                        past=prepared.past, on_prefill=prepared.on_prefill)  # fmt: skip
+
+    def _prefill_inputs(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> inputs_embeds [batch, seq, dim] with images spliced in, attention_mask [batch, seq] (left padded).
+
+        Image features come through the feature cache; the prefix cache is not used (the whole prompt is embedded).
+        """
+        prepared = self._prepare(samples, config=None)
+        return prepared.embeds, prepared.mask
+
+    # ------------------------------------------------------------------------------------ request plumbing
 
     @torch.inference_mode()
-    def _prefill_inputs(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> inputs_embeds [batch, seq, dim] with images spliced in, attention_mask [batch, seq] (left padded)."""
-        batch = self.processor(samples, padding_side="left", add_generation_prompt=True)
-        embeds = self.model.embed(input_ids=batch["input_ids"].to(self.model.device),
-                                  pixel_values=batch["pixel_values"])  # fmt: skip
-        return embeds, batch["attention_mask"].to(self.model.device)
+    def _prepare(self, samples: Sequence[Sample], *, config: GenerationConfig | None) -> _Prepared:
+        """Tokenize, find reusable prompt KV (batch 1), embed only what is left, with cached image features."""
+        rows = [
+            self.processor.encode_sample(s, add_generation_prompt=True, with_labels=False) for s in samples
+        ]
+        batch = pad_batch(rows, pad_token_id=self.processor.pad_token_id, side="left")
+        device = self.model.device
+        images = [image for s in samples for image in s.images]
+        use_prefix = config is not None and self._prefix_applies(batch_size=len(samples), config=config)
+        refs, keys = self._image_keys(images, hashed=use_prefix or self.feature_cache.enabled)
+        input_ids, past, on_prefill = batch["input_ids"], None, None
+        if use_prefix:
+            codes = prompt_codes(input_ids[0].numpy(), image_token_id=self.config.prompt.image_token_id,
+                                 image_keys=keys)  # fmt: skip
+            past = self.prefix_cache.lookup(codes)
+            if past is not None:
+                done = int(np.count_nonzero(codes[: past.length] < 0)) // self.model.num_image_tokens
+                refs, keys, input_ids = refs[done:], keys[done:], input_ids[:, past.length :]
+            on_prefill = _inserter(self.prefix_cache, codes)
+        features = self._image_features(refs, keys=keys, cache=self.feature_cache.enabled)
+        embeds = self.model.embed(input_ids=input_ids.to(device), image_features=features)
+        return _Prepared(
+            embeds=embeds, mask=batch["attention_mask"].to(device), past=past, on_prefill=on_prefill
+        )
+
+    def _prefix_applies(self, *, batch_size: int, config: GenerationConfig) -> bool:
+        if not self.prefix_cache.enabled or batch_size != 1 or config.num_beams != 1:
+            return False
+        if not hasattr(self, "_plain_kv"):  # a sliding-window / hybrid cache cannot be cut at any position
+            self._plain_kv = plain_layers(new_cache(self.model.language_model))
+        return self._plain_kv
+
+    def _image_keys(self, images: Sequence[ImageInput], *, hashed: bool) -> tuple[list[ImageRef], list[str]]:
+        """Content keys of the images (and bind the caches to the current weights); unhashed: positional keys."""
+        if not hashed:  # no cache will see them: skip hashing, key by position
+            keys = [str(i) for i in range(len(images))]
+            return [ImageRef(source=image, digest=key) for image, key in zip(images, keys, strict=True)], keys
+        disk = self.feature_cache.disk_dir is not None
+        encoder = self._encoder_identity.digest() if disk else self._encoder_identity.stamp()
+        encoder += f":{self.model.training}"
+        self.feature_cache.bind(encoder)
+        self.prefix_cache.bind(f"{encoder}|{self._lm_identity.stamp()}")
+        refs = [image_ref(image) for image in images]
+        keys = [
+            feature_key(image_digest=r.digest, encoder=encoder, preprocess=self._preprocess_digest)
+            for r in refs
+        ]
+        return refs, keys
+
+    def _image_features(
+        self, refs: Sequence[ImageRef], *, keys: Sequence[str], cache: bool
+    ) -> torch.Tensor | None:
+        """[images, tokens, dim] in the order given; each distinct image is encoded at most once."""
+        if not refs:
+            return None
+        device = self.model.device
+        found = {
+            key: f
+            for key in dict.fromkeys(keys)
+            if cache and (f := self.feature_cache.get(key, device=device)) is not None
+        }
+        todo = {key: ref for key, ref in zip(keys, refs, strict=True) if key not in found}
+        if todo:
+            image_processor = self.processor.image_processor
+            pixels = torch.stack([image_processor.preprocess_one(r.rgb) if r.rgb is not None
+                                  else image_processor([r.source])[0] for r in todo.values()])  # fmt: skip
+            encoded = self._encode(pixels)  # [new images, tokens, dim]
+            for key, features in zip(todo, encoded, strict=True):
+                found[key] = features.clone() if cache else features  # a row view would pin the whole batch
+                if cache:
+                    self.feature_cache.put(key, found[key])
+        return torch.stack([found[key] for key in keys])
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n, 3, S, S] -> [n, tokens, dim], all at once or one image at a time."""
+        if self.encode_mode == "parallel" or pixels.shape[0] == 1:
+            return self.model.encode_images(pixels)
+        return torch.cat([self.model.encode_images(pixels[i : i + 1]) for i in range(pixels.shape[0])])
 
     def info(self) -> dict[str, Any]:
         """A summary for ``vlmkit info``: parts, sizes and parameter counts."""
@@ -246,6 +481,13 @@ class VLM:
             "dtype": str(m.dtype).replace("torch.", ""),
             "parameters": counts | {"total": sum(counts.values())},
         }
+
+
+def _inserter(cache: PrefixCache, codes: np.ndarray) -> Callable[[PromptKV], None]:
+    def insert(kv: PromptKV) -> None:
+        cache.insert(codes, kv)
+
+    return insert
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -268,4 +510,6 @@ def _check_overwritable(target: Path) -> None:
     if target.is_dir() and any(target.iterdir()):
         config = target / "config.json"
         if not config.exists() or "vlmkit_version" not in config.read_text(errors="replace"):
-            raise ModelDirError(f"refusing to overwrite {target}: it is not empty and not a vlmkit model directory")
+            raise ModelDirError(
+                f"refusing to overwrite {target}: it is not empty and not a vlmkit model directory"
+            )

@@ -22,7 +22,10 @@ from vlmkit.cli.common import EXIT_USER_ERROR, debug_enabled, print_error, repor
 from vlmkit.cli.eval import eval_command
 from vlmkit.cli.export import export
 from vlmkit.cli.info import info_command
+from vlmkit.cli.plan import plan_command
+from vlmkit.cli.serve import serve_command
 from vlmkit.cli.synth import synth_command
+from vlmkit.cli.train import train_command
 
 
 class VlmkitGroup(TyperGroup):
@@ -111,6 +114,9 @@ app.command("info")(info_command)
 app.command("export")(export)
 app.command("eval")(eval_command)
 app.command("synth")(synth_command)
+app.command("serve")(serve_command)
+app.command("train")(train_command)
+app.command("plan")(plan_command)
 
 
 def main() -> None:

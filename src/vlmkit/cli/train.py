@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vlmkit.cli.common import CLIError, JsonOption, ModelOption, load_model, note, write_json
+from vlmkit.cli.common import CLIError, JsonOption, ModelOption, load_model, note, quiet_libraries, write_json
 
 if TYPE_CHECKING:
     from vlmkit.training.loop import TrainConfig
@@ -163,6 +163,7 @@ def _run_recipe(
     from vlmkit.data.dataset import read_records
     from vlmkit.training.recipes.tiny_scratch import Recipe, run_recipe
 
+    quiet_libraries()
     try:
         chosen = Recipe.load(name)
     except ValueError as exc:

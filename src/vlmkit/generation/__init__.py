@@ -4,14 +4,17 @@
 possibly with image features spliced in) and do not care where those came from.
 """
 
-from vlmkit.generation.config import GenerationConfig, GenerationResult
+from vlmkit.generation.config import DecodeOptions, GenerationConfig, GenerationResult
 from vlmkit.generation.decode import generate, stream
 from vlmkit.generation.forward import decode_step, prefill
+from vlmkit.generation.kv_cache import PromptKV
 from vlmkit.generation.sampling import select_next_tokens
 
 __all__ = [
+    "DecodeOptions",
     "GenerationConfig",
     "GenerationResult",
+    "PromptKV",
     "decode_step",
     "generate",
     "prefill",

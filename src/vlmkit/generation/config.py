@@ -114,3 +114,31 @@ def _is_number(value: object) -> bool:
 def _require(ok: bool, name: str, expected: str, config: GenerationConfig) -> None:
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}")
+
+
+@dataclass
+class DecodeOptions:
+    """How the decode loop runs (never what it generates: every choice here keeps greedy output identical).
+
+    ``static_cache`` preallocates the KV cache once per (batch, length bucket) instead of growing it by
+    concatenation; ``compile`` (``True`` or a dict of ``torch.compile`` keyword arguments) compiles the one-token
+    decode step over that static cache, which implies ``static_cache``. ``sync_every`` is how many decode steps run
+    between host syncs (finished / stop-string checks): 1 reads every token back at once (what streaming needs);
+    more lets the host queue several GPU steps ahead, at the price of up to ``sync_every - 1`` wasted steps at the end.
+    """
+
+    static_cache: bool = False
+    compile: bool | dict[str, Any] = False
+    sync_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.sync_every) or self.sync_every < 1:
+            raise ValueError(f"sync_every must be an int >= 1, got {self.sync_every!r}")
+        if not isinstance(self.compile, bool | dict):
+            raise ValueError(
+                f"compile must be a bool or a dict of torch.compile options, got {self.compile!r}"
+            )
+
+    @property
+    def uses_static_cache(self) -> bool:
+        return self.static_cache or self.compile is not False

@@ -2,22 +2,25 @@
 
 Generation does not care where the embeddings came from (text only, or with image features spliced in): the
 prompt is prefilled from ``inputs_embeds`` and each decode step feeds the new token ids. Prefill, the decode
-step and token selection are separate functions so a static cache / compiled decode step can replace them.
-Per step there is one host sync (a ``.tolist()`` of the new tokens and finished flags); rows that finish keep
-running on the pad id until the whole batch is done.
+step and token selection are separate: ``runner.py`` runs the model over a dynamic or a static (optionally
+compiled) cache, this module picks tokens. Host syncs (a ``.tolist()`` of the new tokens and finished flags) happen
+every ``DecodeOptions.sync_every`` steps (1 by default and always when streaming); rows that finish keep running on
+the pad id until the whole batch is done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from vlmkit.generation.beam import beam_search
-from vlmkit.generation.config import GenerationConfig, GenerationResult
-from vlmkit.generation.forward import check_inputs, decode_step, prefill
-from vlmkit.generation.kv_cache import new_cache
+from vlmkit.generation.config import DecodeOptions, GenerationConfig, GenerationResult
+from vlmkit.generation.forward import check_inputs
+from vlmkit.generation.kv_cache import PromptKV
+from vlmkit.generation.runner import DynamicRunner, make_runner
 from vlmkit.generation.sampling import make_generator, mark_seen, new_seen_mask, select_next_tokens
 from vlmkit.generation.stopping import (
     RowState,
@@ -38,40 +41,82 @@ def _token_steps(
     eos_token_ids: Sequence[int],
     pad_token_id: int,
     stops: StopStrings,
+    options: DecodeOptions,
+    past: PromptKV | None = None,
+    on_prefill: Callable[[PromptKV], None] | None = None,
 ) -> Iterator[list[RowState]]:
-    """Greedy / sampling loop; yields the (mutated) row records after every step, the last time with all done."""
+    """Greedy / sampling loop; yields the (mutated) row records after every host sync, the last time with all done.
+
+    inputs_embeds   # [batch, seq - past.length, dim]
+    attention_mask  # [batch, seq]
+    """
     batch = inputs_embeds.shape[0]
-    cache = new_cache(lm)
-    logits = prefill(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
+    runner = make_runner(lm, attention_mask=attention_mask, past=past, max_new_tokens=config.max_new_tokens,
+                         options=options, dtype=inputs_embeds.dtype)  # fmt: skip
+    try:
+        logits = runner.prefill(inputs_embeds)
+        if on_prefill is not None:
+            on_prefill(runner.prompt_kv())
+        yield from _select_loop(runner, logits=logits, batch=batch, config=config, eos_token_ids=eos_token_ids,
+                                pad_token_id=pad_token_id, stops=stops, sync_every=options.sync_every)  # fmt: skip
+    finally:
+        runner.close()
+
+
+def _select_loop(
+    runner: DynamicRunner,
+    *,
+    logits: torch.Tensor,
+    batch: int,
+    config: GenerationConfig,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    stops: StopStrings,
+    sync_every: int,
+) -> Iterator[list[RowState]]:
+    """Pick tokens on device; every ``sync_every`` steps read them back once and update the host row records.
+
+    Stop strings are found on the host, so with ``sync_every > 1`` a stopped row may run a few extra steps before
+    it is fed pads; its record is already closed and rows never see each other, so the output does not change.
+    """
     device = logits.device
     generator = make_generator(seed=config.seed, device=device)
-    penalise = config.repetition_penalty != 1
-    seen = new_seen_mask(batch=batch, vocab=logits.shape[-1], device=device) if penalise else None
+    seen = (
+        new_seen_mask(batch=batch, vocab=logits.shape[-1], device=device)
+        if config.repetition_penalty != 1
+        else None
+    )
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [batch]
-    mask = attention_mask
-    positions = attention_mask.long().sum(-1, keepdim=True).to(device)  # [batch, 1] next token's position
     rows = [RowState() for _ in range(batch)]
+    pending: list[torch.Tensor] = []  # per unsynced step: [2, batch] (token, finished)
     for step in range(config.max_new_tokens):
         tokens = select_next_tokens(logits, config=config, seen=seen, generator=generator)  # [batch]
         tokens = torch.where(finished, pad_token_id, tokens)
         finished = finished | torch.isin(tokens, eos)
-        host_tokens, host_eos = torch.stack((tokens, finished.long())).tolist()  # the one sync per step
-        stopped = record_step(rows, tokens=host_tokens, eos_hit=host_eos, stops=stops)
-        if stopped:
-            finished[torch.tensor(stopped, device=device)] = True
-        if step == config.max_new_tokens - 1:
-            for row in rows:
-                row.finish_reason = row.finish_reason or "length"
-        yield rows
-        if all(row.done for row in rows):
-            return
+        pending.append(torch.stack((tokens, finished.long())))
+        last = step == config.max_new_tokens - 1
+        if last or len(pending) == sync_every:
+            stopped = _record(rows, steps=torch.stack(pending).tolist(), stops=stops)  # the one sync
+            pending = []
+            if stopped:
+                finished[torch.tensor(stopped, device=device)] = True
+            if last:
+                for row in rows:
+                    row.finish_reason = row.finish_reason or "length"
+            yield rows
+            if all(row.done for row in rows):
+                return
         seen = mark_seen(seen, tokens=tokens) if seen is not None else None
-        mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=-1)
-        logits = decode_step(
-            lm, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache
-        )
-        positions = positions + 1
+        logits = runner.step(tokens)
+
+
+def _record(rows: list[RowState], *, steps: list[list[list[int]]], stops: StopStrings) -> list[int]:
+    """Apply synced steps ([steps, 2, batch] host ints) in order; returns the rows that hit a stop string."""
+    stopped: list[int] = []
+    for host_tokens, host_eos in steps:
+        stopped += record_step(rows, tokens=host_tokens, eos_hit=host_eos, stops=stops)
+    return stopped
 
 
 def _prepare(
@@ -82,9 +127,13 @@ def _prepare(
     tokenizer: Any,
     config: GenerationConfig,
     eos_token_ids: Sequence[int] | None,
+    past: PromptKV | None,
 ) -> tuple[list[int], int, StopStrings]:
     config.validate()
-    check_inputs(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    past_length = past.length if past is not None else 0
+    check_inputs(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_length=past_length)
+    if past is not None and (config.num_beams > 1 or inputs_embeds.shape[0] != 1):
+        raise ValueError("a reused prompt prefix (past) needs a batch of 1 and num_beams=1")
     eos = resolve_eos_token_ids(lm=lm, tokenizer=tokenizer, eos_token_ids=eos_token_ids)
     pad = resolve_pad_token_id(lm=lm, tokenizer=tokenizer, eos_token_ids=eos)
     return eos, pad, StopStrings(tokenizer=tokenizer, stops=config.stop)
@@ -98,27 +147,29 @@ def generate(
     tokenizer: Any,
     config: GenerationConfig,
     eos_token_ids: Sequence[int] | None = None,
+    options: DecodeOptions | None = None,
+    past: PromptKV | None = None,
+    on_prefill: Callable[[PromptKV], None] | None = None,
 ) -> GenerationResult:
     """Generate continuations for a left-padded batch of prompt embeddings.
 
-    inputs_embeds   # [batch, seq, dim] left padded, in the LM's dtype / device
+    inputs_embeds   # [batch, seq, dim] left padded, in the LM's dtype / device ([1, seq - past.length, dim] with past)
     attention_mask  # [batch, seq] 0 on pads
     ``eos_token_ids`` defaults to the LM's generation config eos ids plus the tokenizer's; pass ``[]`` to never
     stop on eos. Greedy when ``config.temperature == 0``, sampling otherwise, beam search when ``num_beams > 1``.
+    ``options`` picks the cache / compiled step / sync interval (greedy output is the same for all); ``past`` is the
+    KV of the prompt's first positions (batch 1), ``on_prefill`` receives the whole prompt's KV after prefill.
+    Beam search always runs eagerly on a dynamic cache.
     """
-    eos, pad, stops = _prepare(
-        lm,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        tokenizer=tokenizer,
-        config=config,
-        eos_token_ids=eos_token_ids,
-    )
+    eos, pad, stops = _prepare(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, tokenizer=tokenizer,
+                               config=config, eos_token_ids=eos_token_ids, past=past)  # fmt: skip
     run = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config)
     if config.num_beams > 1:
         rows = beam_search(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops)
     else:
-        *_, rows = _token_steps(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops)  # last: all done
+        steps = _token_steps(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops,
+                             options=options or DecodeOptions(), past=past, on_prefill=on_prefill)  # fmt: skip
+        *_, rows = steps  # the last yield has every row done
     texts = [stops.cut(stops.decode(row.token_ids)) for row in rows]
     return GenerationResult(
         token_ids=[list(row.token_ids) for row in rows],
@@ -135,12 +186,16 @@ def stream(
     tokenizer: Any,
     config: GenerationConfig,
     eos_token_ids: Sequence[int] | None = None,
+    options: DecodeOptions | None = None,
+    past: PromptKV | None = None,
+    on_prefill: Callable[[PromptKV], None] | None = None,
 ) -> Iterator[str]:
     """Yield text deltas for one prompt as tokens arrive; ``"".join`` equals ``generate(...).texts[0]``.
 
-    inputs_embeds   # [1, seq, dim]
+    inputs_embeds   # [1, seq, dim]  ([1, seq - past.length, dim] with past)
     attention_mask  # [1, seq]
     Never yields half a UTF-8 character nor text that may still become a stop string. Beams -> ValueError.
+    ``options.sync_every`` is ignored: a stream reads every token back as soon as it exists.
     """
     if config.num_beams > 1:
         raise ValueError(
@@ -148,23 +203,12 @@ def stream(
         )
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"stream takes a batch of 1, got inputs_embeds shape {tuple(inputs_embeds.shape)}")
-    eos, pad, stops = _prepare(
-        lm,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        tokenizer=tokenizer,
-        config=config,
-        eos_token_ids=eos_token_ids,
-    )
-    steps = _token_steps(
-        lm,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        config=config,
-        eos_token_ids=eos,
-        pad_token_id=pad,
-        stops=stops,
-    )
+    eos, pad, stops = _prepare(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, tokenizer=tokenizer,
+                               config=config, eos_token_ids=eos_token_ids, past=past)  # fmt: skip
+    options = dataclasses.replace(options or DecodeOptions(), sync_every=1)
+    steps = _token_steps(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config,
+                         eos_token_ids=eos, pad_token_id=pad, stops=stops, options=options, past=past,
+                         on_prefill=on_prefill)  # fmt: skip
     return _text_deltas(steps, stops=stops)
 
 

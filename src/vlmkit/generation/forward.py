@@ -1,7 +1,7 @@
 """The two model calls of the decode loop: prefill the prompt embeddings, then one token per step.
 
 Both return float32 logits of the last position only; position ids follow transformers for left padding
-(``cumsum(mask) - 1``, pads clamped to 0). A static cache / compiled decode step replaces these later.
+(``cumsum(mask) - 1``, pads clamped to 0). ``runner.py`` drives them over a dynamic or a static cache.
 """
 
 from __future__ import annotations
@@ -28,20 +28,22 @@ def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(
-    lm: Any, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    lm: Any,
+    *,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Any,
+    past_length: int = 0,
 ) -> torch.Tensor:
-    """Run the whole prompt, filling ``cache``; returns the logits for the first new token.
+    """Run the prompt, filling ``cache``; returns the logits for the first new token.
 
-    inputs_embeds   # [batch, seq, dim] left padded
-    attention_mask  # [batch, seq] 0 on pads
+    inputs_embeds   # [batch, seq - past_length, dim] left padded (the positions ``cache`` does not hold yet)
+    attention_mask  # [batch, seq] 0 on pads (a static cache takes [batch, cache_len]: the prompt, then ones)
     returns         # [batch, vocab] float32
     """
+    positions = prompt_position_ids(attention_mask)[:, past_length : past_length + inputs_embeds.shape[1]]
     return _forward_last_logits(
-        lm,
-        cache=cache,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=prompt_position_ids(attention_mask),
+        lm, cache=cache, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions
     )
 
 
@@ -65,14 +67,22 @@ def decode_step(
     )
 
 
-def check_inputs(*, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """Shapes match and padding is on the left (one host sync, once per call)."""
+def check_inputs(*, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_length: int = 0) -> None:
+    """Shapes match and padding is on the left (one host sync, once per call).
+
+    With ``past_length`` cached positions, ``inputs_embeds`` covers only the rest: [batch, seq - past_length, dim].
+    """
     if inputs_embeds.dim() != 3:
         raise ValueError(f"inputs_embeds must be [batch, seq, dim], got shape {tuple(inputs_embeds.shape)}")
-    if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
+    expected = (inputs_embeds.shape[0], inputs_embeds.shape[1] + past_length)
+    if tuple(attention_mask.shape) != expected:
+        what = (
+            f"[batch, seq] = {expected}"
+            if not past_length
+            else f"[batch, {past_length} cached + new] = {expected}"
+        )
         raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} does not match inputs_embeds "
-            f"[batch, seq] = {tuple(inputs_embeds.shape[:2])}"
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match inputs_embeds {what}"
         )
     if inputs_embeds.shape[1] == 0 or not bool(attention_mask[:, -1].all()):
         raise ValueError(

@@ -4,12 +4,17 @@ Two things moved between releases: the forward keyword (``past_key_values`` up t
 with the old name deprecated) and the cache helpers for beam search. We pick the keyword from the model's
 forward signature, and reorder batch rows with ``reorder_cache`` when the cache has it, else by
 ``index_select`` on each layer's key/value tensors.
+
+``PromptKV`` is the KV of a batch-1 prompt, detached from any cache object: the prefix cache stores it and a
+later request starts from it (``fill_cache``) instead of recomputing those positions.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,3 +91,61 @@ def reorder_layer_tensors(cache: Any, index: torch.Tensor) -> None:
         for i, tensor in enumerate(tensors):
             if tensor.numel() > 0:
                 tensors[i] = tensor.index_select(0, index.to(tensor.device))
+
+
+@dataclass(frozen=True)
+class PromptKV:
+    """Keys / values of the first ``length`` positions of one prompt, per layer.
+
+    layers  # [(keys [1, kv_heads, length, head_dim], values [1, kv_heads, length, head_dim])] * num_layers
+    """
+
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[-2] if self.layers else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def truncate(self, length: int) -> PromptKV:
+        """The first ``length`` positions (views, no copy)."""
+        return PromptKV(layers=tuple((k[:, :, :length], v[:, :, :length]) for k, v in self.layers))
+
+
+def plain_layers(cache: Any) -> bool:
+    """Whether every layer of ``cache`` keeps all positions (no sliding window / linear-attention state), so a
+    prompt's KV can be cut at any position and restored."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return False
+    return all(not getattr(layer, "is_sliding", False) and hasattr(layer, "keys") for layer in layers)
+
+
+def fill_cache(cache: Any, past: PromptKV) -> None:
+    """Write ``past`` into an empty ``cache`` (dynamic or static) as if those positions had been prefilled."""
+    for index, (keys, values) in enumerate(past.layers):
+        cache.update(keys, values, index)
+
+
+def own_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when it owns its storage exactly, else a compact copy (a view of a fused QKV output or of
+    a preallocated buffer would otherwise pin, and be billed for, the whole buffer)."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def snapshot_prompt(cache: Any, *, length: int, layers: Sequence[Any] | None = None) -> PromptKV:
+    """The first ``length`` positions of a batch-1 ``cache`` right after prefill.
+
+    A dynamic cache replaces its tensors on every update (``torch.cat``), so what it holds now is never written
+    again and is kept without a copy; a static cache's buffers are reused, so those positions are copied out.
+    """
+    out = []
+    for layer in layers if layers is not None else cache.layers:
+        keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        out.append((own_tensor(keys), own_tensor(values)))
+    return PromptKV(layers=tuple(out))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -181,7 +182,11 @@ def _stage2(
 
 
 def _steps_for_budget(*, vlm: Any, config: Any, minutes: float) -> int:
-    """Time a few real optimizer steps on a throwaway copy, then size the cosine schedule to the budget."""
+    """Time real optimizer steps on a throwaway copy, then size the cosine schedule to the budget.
+
+    With the frozen tower's features cached, first-epoch steps (which encode images) cost more than later
+    ones (which read the cache), so both are timed: a fresh batch, then the same batch again.
+    """
     import copy
 
     from vlmkit.training.loop import Trainer
@@ -189,12 +194,21 @@ def _steps_for_budget(*, vlm: Any, config: Any, minutes: float) -> int:
     probe = type(vlm)(model=copy.deepcopy(vlm.model), tokenizer=vlm.tokenizer)  # the VLM holds caches/locks
     with tempfile.TemporaryDirectory(prefix="vlmkit-calibrate-") as tmp:
         trainer = Trainer(probe, _replace(config, out=Path(tmp), progress=False, plot=False))
-        trainer.train_step(trainer.step_batches(0))  # warm-up: first step pays for allocation and caching
-        start, n = time.perf_counter(), 4
-        for step in range(1, n + 1):
-            trainer.train_step(trainer.step_batches(step))
-        per_step = (time.perf_counter() - start) / n
-    return max(10, int(minutes * 60 / per_step))
+        trainer.train_step(trainer.step_batches(0))  # warm-up: allocation, first-call overheads
+        cold = _time_steps(trainer, steps=[1, 2])
+        warm = _time_steps(trainer, steps=[1, 2, 1, 2])  # features now cached
+        per_epoch = math.ceil(len(trainer.dataset) / trainer.layout.global_batch)
+    budget = minutes * 60
+    if per_epoch * cold >= budget:
+        return max(10, int(budget / cold))
+    return max(10, per_epoch + int((budget - per_epoch * cold) / warm))
+
+
+def _time_steps(trainer: Any, *, steps: list[int]) -> float:
+    start = time.perf_counter()
+    for step in steps:
+        trainer.train_step(trainer.step_batches(step))
+    return (time.perf_counter() - start) / len(steps)
 
 
 def _replace(config: Any, **changes: Any) -> Any:

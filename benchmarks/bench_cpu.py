@@ -1,0 +1,171 @@
+"""CPU benchmark: vlmkit vs transformers' LlavaForConditionalGeneration.generate on a small random llava-hf model.
+
+CLIP-style tower (224 px, patch 16, 12 x 384) + MLP projector + a 58M-parameter Llama (8 x 512, vocab 32064),
+saved as a llava-hf directory and loaded by both libraries. Prints one JSON document (versions, device, every
+figure, ratios to transformers from this same run, the issue's targets) and writes it to
+``benchmarks/results/cpu.json``. A few minutes on 2 cores:
+
+    python benchmarks/bench_cpu.py [--repeats 3] [--max-new-tokens 32] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llava_bench as lb  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "cpu.json"
+
+
+def cpu_spec(*, repeats: int, max_new_tokens: int) -> lb.Spec:
+    return lb.Spec(
+        name="small-llava-cpu",
+        device="cpu",
+        dtype="float32",
+        vision={
+            "hidden_size": 384,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 6,
+            "image_size": 224,
+            "patch_size": 16,
+            "projection_dim": 384,
+        },  # fmt: skip
+        text={
+            "hidden_size": 512,
+            "intermediate_size": 1376,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 2048,
+        },  # fmt: skip
+        max_new_tokens=max_new_tokens,
+        batches=(1, 8, 32),
+        encode_batch=8,
+        repeats=repeats,
+    )
+
+
+def decode_modes(vlm: Any, spec: lb.Spec, images: list[bytes]) -> dict[str, Any]:
+    """Batch-1 decode tokens/s with a dynamic cache (default), a static cache, and a compiled step: why the CPU
+    default is eager + dynamic."""
+    prompts, imgs = [lb.QUESTIONS[0]], [[images[0]]]
+    out: dict[str, Any] = {}
+    reference = lb.vlm_generate(vlm, prompts, imgs, max_new_tokens=spec.max_new_tokens)
+    for name, options in (
+        ("dynamic_eager", {}),
+        ("static_eager", {"static_cache": True}),
+        ("compiled", {"compile": True}),
+    ):
+        vlm.set_decoding(**options)
+        start = time.perf_counter()
+        tokens = lb.vlm_generate(
+            vlm, prompts, imgs, max_new_tokens=spec.max_new_tokens
+        )  # compiles, if at all
+        first_call = time.perf_counter() - start
+        cold = {"before": vlm.clear_caches, "repeats": spec.repeats, "device": "cpu"}
+        t1 = lb.timed(lambda: lb.vlm_generate(vlm, prompts, imgs, max_new_tokens=1), **cold)
+        tn = lb.timed(lambda: lb.vlm_generate(vlm, prompts, imgs, max_new_tokens=spec.max_new_tokens), **cold)
+        steps = len(tokens[0]) - 1
+        out[name] = {
+            "tok_s": steps / max(tn - t1, 1e-9),
+            "first_call_s": first_call,
+            "same_tokens": tokens == reference,
+        }
+    vlm.set_decoding()
+    return out
+
+
+def decode_floor(vlm: Any, *, repeats: int = 20) -> dict[str, float]:
+    """One token's unavoidable work: every LM weight matrix times one vector (the decode step is bound by
+    streaming these weights from memory), next to a whole eager decode step of the real model."""
+    lm = vlm.model.language_model
+    mats = [p for n, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in n]
+    if lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
+        mats.append(lm.get_output_embeddings().weight)
+    vectors = {m.shape[1]: torch.randn(1, m.shape[1]) for m in mats}
+    with torch.inference_mode():
+        gemv = lb.timed(lambda: [torch.nn.functional.linear(vectors[m.shape[1]], m) for m in mats],
+                        repeats=repeats, device="cpu")  # fmt: skip
+    return {"weights_gemv_ms": gemv * 1e3, "weight_mbytes": sum(m.nbytes for m in mats) / 2**20}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--skip-modes", action="store_true", help="skip the static / compiled decode comparison"
+    )
+    # one thread by default: on a shared 2-core box, 2 OpenMP threads spin-wait behind other work (measured 18x
+    # slower vision encodes); both libraries run under the same setting
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = cpu_spec(repeats=args.repeats, max_new_tokens=args.max_new_tokens)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vlmkit-bench-") as tmp:
+        directory = lb.build_checkpoint(Path(tmp) / "llava", spec)
+        vlm, hf = lb.load_both(directory, spec)
+    images = lb.make_images(max(spec.batches), size=spec.image_size_px, seed=0)
+    with torch.inference_mode(False):
+        single = lb.measure_single(vlm, hf, spec, images)
+        batches = {str(b): lb.measure_batch(vlm, hf, spec, images, batch=b) for b in spec.batches}
+        encode = lb.measure_encode(vlm, hf, spec, images)
+        modes = None if args.skip_modes else decode_modes(vlm, spec, images)
+        floor = decode_floor(vlm)
+    ttft, answer, short = single["ttft_s"], single["answer_s"], single["short_answer_s"]
+    ratios = {
+        "ask_cold_over_transformers": answer["vlmkit_cold"] / answer["transformers"],
+        "ask_repeated_image_over_transformers": answer["vlmkit_repeated_image"] / answer["transformers"],
+        "short_ask_cold_over_transformers": short["vlmkit_cold"] / short["transformers"],
+        "short_ask_repeated_image_over_transformers": short["vlmkit_repeated_image"] / short["transformers"],
+        "ttft_cold_over_transformers": ttft["vlmkit_cold"] / ttft["transformers"],
+        "ttft_repeated_over_transformers": ttft["vlmkit_repeated_image"] / ttft["transformers"],
+        "ttft_repeated_over_cold": ttft["vlmkit_repeated_image"] / ttft["vlmkit_cold"],
+        "cache_hit_over_encode": encode["hit_over_encode"],
+        **{f"decode_batch{b}_over_transformers": batches[str(b)]["ratio"] for b in spec.batches},
+        "encode_over_transformers": encode["ratio"],
+    }
+    result = {
+        "benchmark": "bench_cpu",
+        "environment": lb.environment(spec),
+        "model": lb.model_summary(vlm, hf, spec),
+        "single": single,
+        "decode_by_batch": batches,
+        "encode": encode,
+        "cpu_decode_modes": modes,
+        "decode_floor": floor
+        | {
+            "batch1_step_ms_vlmkit": 1e3 / batches["1"]["vlmkit_tok_s"],
+            "batch1_step_ms_transformers": 1e3 / batches["1"]["transformers_tok_s"],
+        },
+        "ratios": ratios,
+        "targets": {
+            "ask_repeated_image_over_transformers": lb.target(
+                ratios["ask_repeated_image_over_transformers"], at_most=0.5
+            ),
+            "ask_cold_over_transformers": lb.target(ratios["ask_cold_over_transformers"], at_most=0.5),
+            "short_ask_repeated_image_over_transformers": lb.target(
+                ratios["short_ask_repeated_image_over_transformers"], at_most=0.5
+            ),
+            "ttft_repeated_over_cold": lb.target(ratios["ttft_repeated_over_cold"], at_most=0.25),
+            "cache_hit_over_encode": lb.target(ratios["cache_hit_over_encode"], at_most=0.02),
+        },
+        "wall_s": time.perf_counter() - started,
+    }
+    lb.emit(result, out=args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""``vlmkit serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``) with a chat page at ``/``.
+
+The port is bound before the model loads, so a busy port or bad option fails at once with one ``error:``
+line; the model then loads in the background (``/health`` answers 503 until it is ready). A model that
+fails to load stops the server with exit code 2. Ctrl-C / SIGTERM finish in-flight requests first.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vlmkit.cli.common import CLIError, DeviceOption, DType, DTypeOption, ModelOption, load_model, note
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_command(
+    model: ModelOption = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to listen on (0.0.0.0 = all).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="TCP port (0 = any free port).")
+    ] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="VLMKIT_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on /v1.",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    allow_url_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-url-host",
+            help="Fetch http(s) image URLs from this host (HOST, HOST:PORT or "
+            "*.DOMAIN; repeatable). Without it only data: URLs are accepted.",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most requests per batch.")] = 8,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Waiting requests before 429.")] = 64,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads for the model (torch); leave some cores for HTTP.",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    dtype: DTypeOption = DType.auto,
+    device: DeviceOption = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
+    from vlmkit.serving.limits import ServerSettings
+
+    try:
+        settings = ServerSettings(model_name=_model_name(model), api_key=api_key, max_batch=max_batch,
+                                  queue_size=queue_size, allow_url_hosts=tuple(allow_url_host or ()))  # fmt: skip
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    _check_model_dir(model)
+    sock = _bind(host=host, port=port)
+    bound_port = sock.getsockname()[1]
+    if api_key is None and host not in _LOOPBACK:
+        note(
+            f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model"
+        )
+    note(
+        f"vlmkit serve: http://{_url_host(host)}:{bound_port}/ (chat page), OpenAI API under /v1; loading the model…"
+    )
+    failure = _run(
+        sock, settings=settings, loader=lambda: _load(model, dtype=dtype, device=device, threads=threads)
+    )
+    if failure is not None:
+        raise failure
+
+
+def _run(sock: socket.socket, *, settings: Any, loader: Any) -> BaseException | None:
+    """Run uvicorn on the bound socket until stopped; the load error if the model failed to load."""
+    import uvicorn
+
+    from vlmkit.serving.app import create_app
+
+    failures: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def load_failed(exc: BaseException) -> None:
+        failures.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(loader, settings=settings, on_load_error=load_failed)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+                            server_header=False)  # fmt: skip
+    server = _quiet_exit_server(uvicorn.Server)(config)
+    server.run(sockets=[sock])
+    return failures[0] if failures else None
+
+
+def _load(model: Path | None, *, dtype: DType, device: str | None, threads: int | None) -> Any:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(
+            threads
+        )  # OpenMP threads spinning against the HTTP threads cost far more than they give
+    return load_model(model, dtype=dtype, device=device)
+
+
+def _quiet_exit_server(base: type) -> type:
+    """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown (exit by signal, or a KeyboardInterrupt
+    that the CLI would report as an error); a server that drained cleanly should just exit 0."""
+
+    class Server(base):  # type: ignore[misc, valid-type]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server
+
+
+def _bind(*, host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # connections made while the app starts wait in the backlog instead of failing
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_model_dir(model: Path | None) -> None:
+    """Fail before binding and loading when the directory obviously is not a model."""
+    if model is None:
+        from vlmkit.api import DEFAULT_MODEL_DIR
+
+        if not DEFAULT_MODEL_DIR.exists():
+            raise CLIError("no default model is bundled with this install; pass --model DIR")
+        return
+    path = model.expanduser()
+    if not path.is_dir():
+        raise CLIError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{path} has no config.json: not a model directory")
+
+
+def _model_name(model: Path | None) -> str | None:
+    return model.expanduser().resolve().name if model is not None else None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

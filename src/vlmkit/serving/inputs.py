@@ -1,0 +1,190 @@
+"""Turn a validated ``ChatRequest`` into model input: images fetched/decoded, the prompt tokenized and counted.
+
+Work that can fail on user input happens here, before queueing, so a bad image or an over-long prompt is a
+400 for its own request and never reaches (or breaks) a batch. Decoding and tokenizing run on one helper
+thread: Pillow's bomb check swaps process-wide warning filters, and a Rust tokenizer must not be used from
+two threads at once, so the helper owns a private copy of the tokenizer (the model worker uses the original).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from vlmkit.processing.image import load_image
+from vlmkit.processing.processor import Sample, VLMProcessor
+from vlmkit.serving.errors import APIError, bad_request
+from vlmkit.serving.fetch import FetchError, URLFetcher
+from vlmkit.serving.limits import ServerSettings, base64_decoded_size, max_tokens_allowed
+from vlmkit.serving.request import ChatRequest, ImageRef
+
+# formats a browser or phone sends; everything else (EPS via Ghostscript, exotic decoders) is refused
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+# a token never spans more characters than this in practice; longer prompts are refused before tokenizing
+_MAX_CHARS_PER_TOKEN = 64
+
+
+@dataclass
+class Prepared:
+    """What the engine runs, plus the numbers the response reports."""
+
+    sample: Sample
+    prompt_tokens: int
+    max_new_tokens: int
+
+
+class Preparer:
+    """Owns the helper thread, the tokenizer copy and the URL fetcher."""
+
+    def __init__(
+        self,
+        *,
+        processor: VLMProcessor,
+        settings: ServerSettings,
+        fetcher: URLFetcher,
+        context_length: int | None,
+    ) -> None:
+        self.settings = settings
+        self.fetcher = fetcher
+        self.context_length = context_length
+        self.processor = VLMProcessor(
+            tokenizer=copy.deepcopy(processor.tokenizer),
+            image_processor=processor.image_processor,
+            prompt=processor.prompt,
+            num_image_tokens=processor.num_image_tokens,
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-prepare")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def prepare(self, request: ChatRequest) -> Prepared:
+        """Cheap checks first, then fetch image bytes (async), then decode + tokenize on the helper thread."""
+        self._check_before_work(request)
+        blobs = [await self._image_bytes(ref) for ref in request.images]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._prepare_sync, request, blobs)
+
+    async def _image_bytes(self, ref: ImageRef) -> bytes:
+        if ref.url.startswith("data:"):
+            return decode_data_url(ref.url, param=ref.param, max_bytes=self.settings.max_image_bytes)
+        if ref.url.lower().startswith(("http://", "https://")):
+            try:
+                return await self.fetcher.fetch(ref.url)
+            except FetchError as exc:
+                raise bad_request(f"{ref.param}: {exc.message}", param=ref.param, code=exc.code) from None
+        raise bad_request(f"{ref.param}: image URLs must be data: URLs (or http(s) where the server allows "
+                          "them); file paths and file:// are never read", param=ref.param, code="invalid_image_url")  # fmt: skip
+
+    def _prepare_sync(self, request: ChatRequest, blobs: list[bytes]) -> Prepared:
+        images = [
+            decode_image(blob, param=ref.param, max_pixels=self.settings.max_image_pixels)
+            for ref, blob in zip(request.images, blobs, strict=True)
+        ]
+        sample = Sample(messages=request.messages, images=images)
+        try:
+            encoded = self.processor.encode_sample(sample, add_generation_prompt=True, with_labels=False)
+        except _template_errors() as exc:  # the conversation's fault (roles out of order, ...)
+            raise bad_request(f"the conversation cannot be rendered with this model's prompt template "
+                              f"({_first_line(exc)})", param="messages", code="invalid_conversation") from None  # fmt: skip
+        prompt_tokens = len(encoded.input_ids)
+        return Prepared(sample=sample, prompt_tokens=prompt_tokens,
+                        max_new_tokens=self._max_new_tokens(request, prompt_tokens))  # fmt: skip
+
+    def _check_before_work(self, request: ChatRequest) -> None:
+        """Limits that need no image or tokenizer: refused before any fetching or decoding."""
+        limit = max_tokens_allowed(settings=self.settings, context_length=self.context_length)
+        if request.max_tokens is not None and limit is not None and request.max_tokens > limit:
+            raise bad_request(f"max_tokens must be at most {limit}", param="max_tokens")
+        if self.context_length is None:
+            return
+        chars = sum(len(m["content"]) for m in request.messages)
+        if chars > _MAX_CHARS_PER_TOKEN * self.context_length:
+            raise _context_error(f"the messages are far longer than the model's context of "
+                                 f"{self.context_length} tokens")  # fmt: skip
+
+    def _max_new_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
+        limit = max_tokens_allowed(settings=self.settings, context_length=self.context_length)
+        room = None if self.context_length is None else self.context_length - prompt_tokens
+        if room is not None and room < 1:
+            raise _context_error(f"the prompt is {prompt_tokens} tokens (images included), which leaves no "
+                                 f"room in the model's context of {self.context_length} tokens")  # fmt: skip
+        if request.max_tokens is None:
+            caps = [v for v in (self.settings.default_max_tokens, limit, room) if v is not None]
+            return min(caps)
+        if room is not None and request.max_tokens > room:
+            raise _context_error(f"the prompt is {prompt_tokens} tokens and max_tokens is {request.max_tokens}: "
+                                 f"together more than the model's context of {self.context_length} tokens")  # fmt: skip
+        return request.max_tokens
+
+
+def decode_data_url(url: str, *, param: str, max_bytes: int) -> bytes:
+    """``data:<type>;base64,<payload>`` -> bytes; the size is checked before decoding."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise bad_request(f"{param}: expected a base64 data: URL such as 'data:image/png;base64,...'",
+                          param=param, code="invalid_image_url")  # fmt: skip
+    if base64_decoded_size(len(payload)) > max_bytes:
+        raise bad_request(f"{param}: the image is larger than {max_bytes} bytes", param=param,
+                          code="image_too_large")  # fmt: skip
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param}: the data: URL is not valid base64 (truncated or corrupted?)",
+                          param=param, code="invalid_image") from None  # fmt: skip
+
+
+def decode_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
+    """Header first (format allowlist, pixel count), then the full decode via ``load_image``."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # lazy: reads the header only
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(param, max_pixels) from None
+    except Exception:  # noqa: BLE001 - any failure to read a header is the image's fault
+        raise bad_request(f"{param}: not a readable image (supported: {', '.join(IMAGE_FORMATS)})",
+                          param=param, code="invalid_image") from None  # fmt: skip
+    with image:
+        if image.width * image.height > max_pixels:
+            raise _too_many_pixels(param, max_pixels)
+        try:
+            return load_image(image, max_pixels=max_pixels)
+        except Exception:  # noqa: BLE001 - ImageLoadError or any decoder error: the image's fault
+            raise bad_request(f"{param}: the image data is corrupt, truncated or unsupported", param=param,
+                              code="invalid_image") from None  # fmt: skip
+
+
+def _too_many_pixels(param: str, max_pixels: int) -> APIError:
+    return bad_request(
+        f"{param}: the image has more than {max_pixels} pixels", param=param, code="image_too_large"
+    )
+
+
+def _context_error(message: str) -> APIError:
+    return bad_request(message, param="messages", code="context_length_exceeded")
+
+
+def _template_errors() -> tuple[type[Exception], ...]:
+    from jinja2 import TemplateError  # transformers' chat templates raise it (raise_exception)
+
+    return (ValueError, TemplateError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def context_length_of(model: Any) -> int | None:
+    """The language model's ``max_position_embeddings`` (None when it has no fixed context)."""
+    config = getattr(getattr(model, "language_model", None), "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None

@@ -1,0 +1,260 @@
+"""Validate an OpenAI ``/v1/chat/completions`` body into a ``ChatRequest``; every problem is a 400 naming the field.
+
+Parsing is ours rather than pydantic's so each error is OpenAI-shaped, names its ``param`` and never
+echoes library internals. Content parts are ``text`` and ``image_url`` only (no PIL objects or paths:
+a file path can never reach the image loader). Image parts become the model's image placeholder; the
+same placeholder typed as text is refused (400, code ``image_placeholder_in_text``) so a user cannot
+claim an image slot that no image fills, nor shift images between slots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmkit.serving.errors import APIError, bad_request
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# fields we cannot honour: refused when set to anything but their "off" value, never silently ignored
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "modalities",
+                "prediction", "top_logprobs")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image part: its URL (data: or http(s)) and where it was in the request."""
+
+    url: str
+    param: str
+
+
+@dataclass
+class ChatRequest:
+    """A validated request: plain messages (placeholders where images go), images, generation settings."""
+
+    messages: list[dict[str, str]]
+    images: list[ImageRef]
+    # GenerationConfig keywords except max_new_tokens (decided once the prompt length is known)
+    generation: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    model: str | None = None
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object (NaN / Infinity and absurd nesting are refused)."""
+    try:
+        data = json.loads(body, parse_constant=_no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(name)
+
+
+def parse_chat_request(data: dict[str, Any], *, image_token: str, max_images: int) -> ChatRequest:
+    """Check every field we use; unknown fields are ignored (clients send many) unless we cannot honour them."""
+    _refuse_unsupported(data)
+    messages, images = _messages(data.get("messages"), image_token=image_token)
+    if len(images) > max_images:
+        raise bad_request(f"too many images: {len(images)} given, at most {max_images} per request",
+                          param="messages", code="too_many_images")  # fmt: skip
+    n = data.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad_request("n must be 1: this server returns one choice per request", param="n")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", param="model")
+    return ChatRequest(
+        messages=messages,
+        images=images,
+        generation=_generation(data),
+        max_tokens=_max_tokens(data),
+        stream=_optional_bool(data, "stream"),
+        include_usage=_include_usage(data),
+        model=model,
+    )
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    for name in _UNSUPPORTED:
+        if data.get(name) not in (None, [], {}):
+            raise bad_request(
+                f"{name} is not supported by this server", param=name, code="unsupported_parameter"
+            )
+    if data.get("logprobs") not in (None, False):
+        raise bad_request(
+            "logprobs is not supported by this server", param="logprobs", code="unsupported_parameter"
+        )
+    response_format = data.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise bad_request("only response_format {'type': 'text'} is supported", param="response_format",
+                          code="unsupported_parameter")  # fmt: skip
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = data.get(name)
+        if value is not None and (not _is_number(value) or value != 0):
+            raise bad_request(f"{name} is not supported (only 0)", param=name, code="unsupported_parameter")
+
+
+def _messages(value: Any, *, image_token: str) -> tuple[list[dict[str, str]], list[ImageRef]]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("messages must be a non-empty array", param="messages")
+    messages: list[dict[str, str]] = []
+    images: list[ImageRef] = []
+    for index, message in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object", param=where)
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
+        text = _content(message.get("content"), role=ROLES[role], where=f"{where}.content", images=images,
+                        image_token=image_token)  # fmt: skip
+        messages.append({"role": ROLES[role], "content": text})
+    if messages[-1]["role"] == "assistant":
+        raise bad_request(
+            "the last message must not be the assistant's (nothing to answer)", param="messages"
+        )
+    return messages, images
+
+
+def _content(value: Any, *, role: str, where: str, images: list[ImageRef], image_token: str) -> str:
+    if isinstance(value, str):
+        return _checked_text(value, where=where, image_token=image_token)
+    if not isinstance(value, list):
+        raise bad_request(f"{where} must be a string or an array of content parts", param=where)
+    pieces: list[str] = []
+    previous_was_image = False
+    for index, part in enumerate(value):
+        at = f"{where}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request(f"{at}.text must be a string", param=f"{at}.text")
+            # as LLaVA (and normalize_messages): text after an image starts on a new line
+            pieces.append(
+                ("\n" if previous_was_image else "") + _checked_text(text, where=at, image_token=image_token)
+            )
+            previous_was_image = False
+        elif kind == "image_url":
+            if role != "user":
+                raise bad_request(f"{at}: images are only allowed in user messages", param=at)
+            images.append(ImageRef(url=_image_url(part.get("image_url"), at=f"{at}.image_url"), param=at))
+            pieces.append(image_token)
+            previous_was_image = True
+        else:
+            raise bad_request(f"{at} must be an object with type 'text' or 'image_url'", param=at)
+    text = "".join(pieces)
+    # text parts such as "<ima" + "ge>" must not join into a placeholder either
+    if text.count(image_token) != sum(piece == image_token for piece in pieces):
+        _checked_text(text, where=where, image_token=image_token)
+    return text
+
+
+def _checked_text(text: str, *, where: str, image_token: str) -> str:
+    if image_token in text:
+        raise bad_request(
+            f"{where} contains the text {image_token!r}, which is reserved for images; attach images as "
+            "image_url parts instead",
+            param=where,
+            code="image_placeholder_in_text",
+        )
+    return text
+
+
+def _image_url(value: Any, *, at: str) -> str:
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{at} must be {{'url': '...'}} with a data: or http(s) URL", param=at)
+    return url
+
+
+def _generation(data: dict[str, Any]) -> dict[str, Any]:
+    """Sampling settings as GenerationConfig keywords; absent means vlmkit's defaults (greedy)."""
+    gen: dict[str, Any] = {}
+    temperature = _optional_number(data, "temperature", low=0.0, high=2.0)
+    if temperature is not None:
+        gen["temperature"] = float(temperature)
+    top_p = _optional_number(data, "top_p", low=0.0, high=1.0)
+    if top_p is not None:
+        if top_p == 0:
+            raise bad_request("top_p must be in (0, 1]", param="top_p")
+        gen["top_p"] = float(top_p)
+    top_k = _optional_int(data, "top_k", low=0)
+    if top_k is not None:
+        gen["top_k"] = top_k
+    penalty = _optional_number(data, "repetition_penalty", low=0.01, high=10.0)
+    if penalty is not None:
+        gen["repetition_penalty"] = float(penalty)
+    seed = _optional_int(data, "seed", low=-(2**63))
+    if seed is not None:
+        gen["seed"] = seed
+    stop = _stop(data.get("stop"))
+    if stop:
+        gen["stop"] = stop
+    return gen
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise bad_request("stop must be a non-empty string or an array of at most 4 of them", param="stop")
+    return tuple(stops)
+
+
+def _max_tokens(data: dict[str, Any]) -> int | None:
+    # max_completion_tokens is the newer name; when both are sent it wins
+    name = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    return _optional_int(data, name, low=1)
+
+
+def _include_usage(data: dict[str, Any]) -> bool:
+    options = data.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", param="stream_options")
+    return _optional_bool(options, "include_usage", where="stream_options.")
+
+
+def _optional_bool(data: dict[str, Any], name: str, *, where: str = "") -> bool:
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{where}{name} must be a boolean", param=f"{where}{name}")
+    return bool(value)
+
+
+def _optional_int(data: dict[str, Any], name: str, *, low: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or value < low or value >= 2**63:
+        raise bad_request(f"{name} must be an integer >= {low}", param=name)
+    return value
+
+
+def _optional_number(data: dict[str, Any], name: str, *, low: float, high: float) -> float | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+        raise bad_request(f"{name} must be a number between {low:g} and {high:g}", param=name)
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
