@@ -35,13 +35,17 @@ def test_mlp_depth_has_gelu_between_layers():
 
 
 def test_resampler_count_is_independent_of_input_tokens():
-    projector = build_projector(config=ProjectorConfig(type="resampler", num_queries=7, num_heads=2), in_dim=8, out_dim=16)
+    projector = build_projector(
+        config=ProjectorConfig(type="resampler", num_queries=7, num_heads=2), in_dim=8, out_dim=16
+    )
     for n in (1, 16, 300):
         assert projector(torch.randn(2, n, 8)).shape == (2, 7, 16)
 
 
 def test_resampler_rows_are_independent():
-    projector = build_projector(config=ProjectorConfig(type="resampler", num_queries=3, num_heads=2), in_dim=8, out_dim=8)
+    projector = build_projector(
+        config=ProjectorConfig(type="resampler", num_queries=3, num_heads=2), in_dim=8, out_dim=8
+    )
     a, b = torch.randn(1, 10, 8), torch.randn(1, 10, 8)
     both = projector(torch.cat([a, b]))
     torch.testing.assert_close(both[1:], projector(b), atol=1e-6, rtol=1e-5)

@@ -43,7 +43,9 @@ def test_double_resolution_gives_four_times_the_tokens(towers, kind):
 
 def test_preprocessing_settings_come_from_the_checkpoint(towers):
     clip = vision_config_for(tower=load_vision_tower(towers["clip"]), source=towers["clip"], overrides={})
-    siglip = vision_config_for(tower=load_vision_tower(towers["siglip"]), source=towers["siglip"], overrides={})
+    siglip = vision_config_for(
+        tower=load_vision_tower(towers["siglip"]), source=towers["siglip"], overrides={}
+    )
     assert clip.resize_mode == "crop" and clip.image_mean[0] == pytest.approx(0.481)
     assert siglip.resize_mode == "resize" and siglip.image_mean == (0.5, 0.5, 0.5)
     assert vision_config_for(tower=load_vision_tower(towers["clip"]), source=towers["clip"],

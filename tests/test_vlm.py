@@ -53,7 +53,9 @@ def test_image_features_land_exactly_on_their_placeholders(tiny_vlm, images):
     with torch.no_grad():
         embeds = vlm.model.embed(input_ids=ids, pixel_values=batch["pixel_values"])
         features = vlm.model.encode_images(batch["pixel_values"])  # [3 images, tokens, dim]
-        text = vlm.model.language_model.get_input_embeddings()(ids.masked_fill(ids == vlm.model.image_token_id, 0))
+        text = vlm.model.language_model.get_input_embeddings()(
+            ids.masked_fill(ids == vlm.model.image_token_id, 0)
+        )
     n = vlm.model.num_image_tokens
     is_image = ids == vlm.model.image_token_id
     spans = [torch.nonzero(is_image[0]).flatten()[:n], torch.nonzero(is_image[0]).flatten()[n:],
@@ -72,7 +74,9 @@ def test_placeholder_image_count_mismatch_names_both_counts(tiny_vlm, images):
     with pytest.raises(ValueError, match=r"mismatch.*1 placeholders but 2 images"):
         batch = tiny_vlm.processor([Sample(messages=tiny_vlm.processor.user_prompt("x", num_images=1),
                                            images=[images[0]])])  # fmt: skip
-        tiny_vlm.model.embed(input_ids=batch["input_ids"], pixel_values=torch.cat([batch["pixel_values"]] * 2))
+        tiny_vlm.model.embed(
+            input_ids=batch["input_ids"], pixel_values=torch.cat([batch["pixel_values"]] * 2)
+        )
 
 
 def test_prompt_without_placeholder_gets_images_prepended(tiny_vlm, images):
@@ -104,7 +108,9 @@ def test_forward_with_labels_and_padding_invariance(tiny_vlm, images):
     sample = Sample(messages=[{"role": "user", "content": "<image> colour?"}, {"role": "assistant", "content": "red"}],
                     images=[images[0]])  # fmt: skip
     short = Sample(messages=[{"role": "user", "content": "hi"}], images=[])
-    batch = vlm.processor([sample, short], padding_side="right", add_generation_prompt=False, with_labels=True)
+    batch = vlm.processor(
+        [sample, short], padding_side="right", add_generation_prompt=False, with_labels=True
+    )
     alone = vlm.processor([sample], padding_side="right", add_generation_prompt=False, with_labels=True)
     with torch.no_grad():
         out = vlm.model(**batch)
@@ -139,7 +145,9 @@ def test_pickle_only_directory_is_refused_without_unpickling(tmp_path, tiny_vlm_
     bad = tmp_path / "bad"
     shutil.copytree(tiny_vlm_dir, bad)
     (bad / "model.safetensors").unlink()
-    (bad / "pytorch_model.bin").write_bytes(b"not even a pickle")  # would explode if anything tried to load it
+    (bad / "pytorch_model.bin").write_bytes(
+        b"not even a pickle"
+    )  # would explode if anything tried to load it
     with pytest.raises(ModelDirError, match="pickle format.*pytorch_model.bin.*safetensors only"):
         VLM.from_pretrained(bad)
 
@@ -169,11 +177,15 @@ def test_sharded_checkpoint_round_trip(tiny_vlm, tmp_path):
     from vlmkit.models.io import load_weights, read_weights, save_weights
 
     save_weights(tiny_vlm.model, tmp_path, max_shard_bytes=20_000)
-    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(
+        list(tmp_path.glob("*.safetensors"))
+    ) > 1
     state = read_weights(tmp_path)
     clone = type(tiny_vlm.model)(config=tiny_vlm.config)
     load_weights(clone, state, source=tmp_path)
-    for (name, a), (_, b) in zip(tiny_vlm.model.state_dict().items(), clone.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        tiny_vlm.model.state_dict().items(), clone.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

@@ -132,7 +132,13 @@ def language_config(kind: str, *, vocab_size: int = 420, hidden: int = 48):
         )
     if kind == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_embd=hidden, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     raise ValueError(kind)
 

@@ -27,7 +27,7 @@ from vlmkit.config import SCHEMA_VERSION, LanguageConfig, ProjectorConfig, Promp
 from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult, PromptKV, generate, stream
 from vlmkit.generation.kv_cache import new_cache, plain_layers
 from vlmkit.generation.static_cache import DEFAULT_POOL
-from vlmkit.models.io import ModelDirError, load_weights, read_weights, save_weights
+from vlmkit.models.io import ModelDirError, load_weights, read_weights, replace_dir, save_weights
 from vlmkit.models.language import ensure_vocab
 from vlmkit.models.parts import (
     check_model_dir,
@@ -494,14 +494,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
     """Swap ``staging`` into place; an existing ``target`` is removed only after the new one is complete."""
     if target.exists() and not target.is_dir():
         raise ModelDirError(f"cannot save to {target}: it exists and is not a directory")
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    replace_dir(staging, target)
     staging.parent.joinpath(target.name).chmod(0o755)
 
 

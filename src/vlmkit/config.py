@@ -46,7 +46,11 @@ class VisionConfig:
     source: str | None = None
 
     def validate(self) -> None:
-        _require(self.select in VISION_SELECT, "vision.select", f"must be one of {VISION_SELECT}, got {self.select!r}")
+        _require(
+            self.select in VISION_SELECT,
+            "vision.select",
+            f"must be one of {VISION_SELECT}, got {self.select!r}",
+        )
         _require(
             self.resize_mode in RESIZE_MODES,
             "vision.resize_mode",
@@ -191,5 +195,7 @@ def _check_scalar(hint: Any, value: Any, *, name: str) -> Any:
     if hint in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config field '{name}' must be {hint.__name__}, got bool")
     if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise ConfigError(f"config field '{name}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"config field '{name}' must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
     return value

@@ -1,7 +1,8 @@
 """``vlmkit train``: fine-tune a model on LLaVA-format data (projector / LoRA / full stage).
 
-Runs the same way as one process (``vlmkit train ...``) or many (``accelerate launch -m vlmkit.cli.main
-train ...`` / ``torchrun --nproc_per_node N -m vlmkit.cli.main train ...``): batch sizes are per process.
+Runs the same way as one process (``vlmkit train ...``) or many (``accelerate launch -m vlmkit
+train ...`` / ``torchrun --nproc_per_node N -m vlmkit train ...``): batch sizes are per process.
+Many processes use DDP, or FSDP2 with ``--fsdp`` (or an accelerate FSDP config).
 Progress and the parameter table go to stderr; ``--json`` prints the run summary on stdout.
 """
 
@@ -111,6 +112,10 @@ def train_command(
         int | None, typer.Option("--max-length", min=8, help="Skip longer samples.")
     ] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Train on CPU even when a GPU is present.")] = False,
+    fsdp: Annotated[
+        bool,
+        typer.Option("--fsdp", help="Shard weights, grads and optimizer state (FSDP2) across processes."),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train a model on LLaVA-format conversations and save it (plus checkpoints and metrics) to --out."""
@@ -133,7 +138,7 @@ def train_command(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, grad_ckpt=grad_ckpt, precision=precision.value,
         eval_data=eval_data, eval_image_folder=eval_image_folder, eval_every=eval_every, save_every=save_every,
         keep_last=keep_last, log_every=log_every, seed=seed, resume=resume, feature_cache=feature_cache,
-        feature_cache_dir=feature_cache_dir, workers=workers, max_length=max_length, cpu=cpu,
+        feature_cache_dir=feature_cache_dir, workers=workers, max_length=max_length, cpu=cpu, fsdp=fsdp,
     )  # fmt: skip
     config.validate()
     _check_paths(config)

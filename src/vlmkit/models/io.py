@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -95,3 +96,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: Pa
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
             )
     model.load_state_dict(state, strict=False)
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Rename a finished ``staging`` dir to ``final``; an older ``final`` is removed only once the new one is in."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(final)

@@ -27,7 +27,11 @@ def merge_image_features(
     n_images = 0 if image_features is None else image_features.shape[0]
     per_image = 0 if image_features is None else image_features.shape[1]
     if found != n_images * per_image:
-        spans = f"{found // per_image} placeholders" if per_image and found % per_image == 0 else f"{found} image tokens"
+        spans = (
+            f"{found // per_image} placeholders"
+            if per_image and found % per_image == 0
+            else f"{found} image tokens"
+        )
         raise ValueError(
             f"placeholder/image mismatch: the input has {spans} but {n_images} images were given "
             f"({per_image} tokens per image)"

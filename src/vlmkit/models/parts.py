@@ -72,9 +72,7 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
     return getattr(transformers, class_name).from_pretrained(path, dtype=dtype)
 
 
-def vision_config_for(
-    *, tower: nn.Module, source: str | Path, overrides: dict[str, Any]
-) -> VisionConfig:
+def vision_config_for(*, tower: nn.Module, source: str | Path, overrides: dict[str, Any]) -> VisionConfig:
     """VisionConfig from the tower's config and its preprocessor_config.json, then user overrides."""
     hf = tower.config
     kind = hf.model_type.replace("_vision_model", "")

@@ -32,7 +32,9 @@ class VisionLanguageModel(nn.Module):
             language_model if language_model is not None else build_language_model(config.language.hf_config)
         )
         lm_dim = self.language_model.get_input_embeddings().weight.shape[1]
-        self.projector = build_projector(config=config.projector, in_dim=self.vision.hidden_size, out_dim=lm_dim)
+        self.projector = build_projector(
+            config=config.projector, in_dim=self.vision.hidden_size, out_dim=lm_dim
+        )
 
     @property
     def image_token_id(self) -> int:
@@ -74,7 +76,9 @@ class VisionLanguageModel(nn.Module):
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.encode_images(pixel_values)
         image_id = self.config.prompt.image_token_id
-        is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        is_image = (
+            input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        )
         # image ids may lie past the LM vocabulary (as in llava-hf); their rows are overwritten anyway
         safe_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.language_model.get_input_embeddings()(safe_ids)

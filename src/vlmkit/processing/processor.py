@@ -41,8 +41,12 @@ class VLMProcessor:
         self.num_image_tokens = num_image_tokens
         self.template = resolve_template(prompt.template, tokenizer)
         if tokenizer.convert_tokens_to_ids(prompt.image_token) in (None, tokenizer.unk_token_id):
-            raise ValueError(f"the tokenizer has no {prompt.image_token!r} token; add it as a special token first")
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            raise ValueError(
+                f"the tokenizer has no {prompt.image_token!r} token; add it as a special token first"
+            )
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
 
     def user_prompt(self, prompt: str, *, num_images: int) -> list[Message]:
         """A single user turn; images without placeholders are prepended (LLaVA style)."""
@@ -58,7 +62,9 @@ class VLMProcessor:
                 "were given"
             )
 
-    def encode_sample(self, sample: Sample, *, add_generation_prompt: bool, with_labels: bool) -> EncodedPrompt:
+    def encode_sample(
+        self, sample: Sample, *, add_generation_prompt: bool, with_labels: bool
+    ) -> EncodedPrompt:
         self.check_placeholders(sample.messages, num_images=len(sample.images))
         return encode(
             sample.messages,

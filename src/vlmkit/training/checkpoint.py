@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmkit.models.io import replace_dir
 from vlmkit.training.stages import iter_trainable
 
 CHECKPOINTS = "checkpoints"
@@ -64,14 +65,17 @@ def read_json(path: Path) -> Any:
 def write_main_state(
     directory: Path,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
     scheduler: dict[str, Any],
 ) -> None:
-    """Trainable weights, optimizer and scheduler (main process only; DDP replicas are identical)."""
-    weights = {name: p.detach().contiguous() for name, p in iter_trainable(model)}
-    save_file(weights, str(directory / "trainable.safetensors"))
-    tensors, meta = flatten_optimizer(optimizer.state_dict())
+    """Trainable weights (full tensors by name), optimizer state (``optimizer.state_dict()`` form) and the
+    scheduler: written by the main process only (DDP replicas are identical; FSDP gathers them first)."""
+    save_file(
+        {name: t.detach().contiguous() for name, t in weights.items()},
+        str(directory / "trainable.safetensors"),
+    )
+    tensors, meta = flatten_optimizer(optimizer)
     save_file(tensors, str(directory / "optimizer.safetensors"))
     write_json(directory / "optimizer.json", data=meta)
     write_json(directory / "scheduler.json", data=scheduler)
@@ -118,14 +122,7 @@ def write_rng(directory: Path, *, rank: int) -> None:
 
 def commit(staging: Path, *, final: Path) -> None:
     """Rename the finished staging directory into place (replacing an older one of the same name)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final)
+    replace_dir(staging, final)
 
 
 def prune(out: Path, *, keep: int) -> None:
@@ -152,24 +149,31 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(complete, key=lambda p: read_json(p / TRAINER_FILE)["step"])
 
 
-def load_model_state(directory: Path, *, model: nn.Module) -> None:
-    """Copy the saved trainable weights into the (already stage-prepared) model; names must match exactly."""
+def read_trainable(directory: Path, *, names: set[str]) -> dict[str, torch.Tensor]:
+    """The saved trainable weights; their names must be exactly this run's trainable ``names``."""
     saved = load_file(str(directory / "trainable.safetensors"))
-    params = dict(iter_trainable(model))
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if set(saved) != names:
+        missing, extra = sorted(names - set(saved)), sorted(set(saved) - names)
         raise CheckpointError(
             f"{directory}: trainable parameters differ from this run's stage (missing {missing[:2]}, "
             f"unexpected {extra[:2]}); resume with the same --stage and LoRA options"
         )
+    return saved
+
+
+def load_model_state(directory: Path, *, model: nn.Module) -> None:
+    """Copy the saved trainable weights into the (already stage-prepared, unsharded) model."""
+    params = dict(iter_trainable(model))
+    saved = read_trainable(directory, names=set(params))
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
 
 
-def load_optimizer_state(directory: Path, *, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer_state(directory: Path) -> dict[str, Any]:
+    """The saved optimizer state in ``optimizer.state_dict()`` form (parameters by index)."""
     tensors = load_file(str(directory / "optimizer.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, meta=read_json(directory / "optimizer.json")))
+    return unflatten_optimizer(tensors, meta=read_json(directory / "optimizer.json"))
 
 
 def load_rng(directory: Path, *, rank: int) -> None:

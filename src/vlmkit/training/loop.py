@@ -1,4 +1,5 @@
-"""The training loop: accelerate-based, one code path for 1 CPU process, 1 GPU, and DDP/FSDP launches.
+"""The training loop: accelerate-based, one code path for 1 CPU process, 1 GPU, and DDP/FSDP launches
+(FSDP: PyTorch's FSDP2, see ``fsdp.py``).
 
 What one optimizer step does (``Trainer.train_step``):
 
@@ -17,11 +18,12 @@ runs on them. Checkpoints (``checkpoint.py``) hold everything an exact resume ne
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,10 @@ from torch import nn
 from vlmkit.data.dataset import Batch, ConversationDataset, collate, read_records
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.prompting import IGNORE_INDEX
+from vlmkit.training import checkpoint as ckpt
+from vlmkit.training import fsdp
 from vlmkit.training.feature_cache import FeatureCache, encoder_identity
-from vlmkit.training.stages import StageConfig, apply_stage, iter_trainable
+from vlmkit.training.stages import StageConfig, apply_stage, iter_trainable, param_groups
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 METRICS_FILE = "metrics.jsonl"
@@ -76,6 +80,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     cpu: bool = False
+    fsdp: bool = False  # shard with FSDP2 (also on under an accelerate FSDP config); needs >= 2 processes
 
     def validate(self) -> None:
         self.stage.validate()
@@ -177,11 +182,17 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
 
 
 class TokenLoss(nn.Module):
-    """Wraps the VLM so DDP sees one forward per micro-batch; returns the summed next-token loss."""
+    """Wraps the VLM so DDP (or FSDP's root unit) sees one forward per micro-batch; returns the summed
+    next-token loss.
 
-    def __init__(self, model: VisionLanguageModel) -> None:
+    ``blank_images``: a micro-batch without images still runs the tower on one blank image (at zero weight).
+    FSDP needs this for a sharded tower: every process must gather the same units in the same order.
+    """
+
+    def __init__(self, model: VisionLanguageModel, *, blank_images: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.blank_images = blank_images
 
     def forward(
         self,
@@ -194,16 +205,21 @@ class TokenLoss(nn.Module):
     ) -> torch.Tensor:
         """input_ids/attention_mask/labels [batch, seq]; pixel_values [images, 3, S, S] or
         vision_features [images, vision_tokens, vision_dim] (cached tower output) -> scalar summed loss."""
-        image_features = None
+        image_features, blank = None, None
         if vision_features is not None:
             projector = self.model.projector
             image_features = projector(vision_features.to(next(projector.parameters()).dtype))
         elif pixel_values is not None:
             image_features = self.model.encode_images(pixel_values)
+        elif self.blank_images:  # before the LM, where a batch with images runs the tower
+            size = self.model.config.vision.image_size
+            blank = self.model.encode_images(torch.zeros((1, 3, size, size), device=input_ids.device))
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
                             use_cache=False).logits  # fmt: skip
         loss = token_loss_sum(logits, labels=labels)
-        if image_features is None and torch.is_grad_enabled():
+        if blank is not None:
+            loss = loss + 0.0 * blank.float().sum()
+        elif image_features is None and torch.is_grad_enabled():
             # text only: the projector (and a trainable tower) took no part. A zero link gives them zero
             # gradients, so every process reduces the same parameters (DDP without unused-parameter search),
             # and backward has a graph even when nothing else trains (projector stage)
@@ -250,10 +266,9 @@ def make_accelerator(config: TrainConfig) -> Any:
     cpu = config.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=[ddp])
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # checkpoints and the final save assume every process holds the full model
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ValueError(
-            f"accelerate is configured for {kind}, which vlmkit train does not support yet; use DDP"
+            f"accelerate is configured for {kind}, which vlmkit train does not support; use DDP or FSDP"
         )
     return accelerator
 
@@ -294,10 +309,12 @@ class Trainer:
         self.saved_dtype = self.model.dtype
         self._prepare_model()
         self._prepare_data()
-        self.optimizer = torch.optim.AdamW(
-            [{**g, "base_lr": g["lr"]} for g in self.param_groups], weight_decay=config.weight_decay
-        )
-        self.wrapped, self.optimizer = self.accelerator.prepare(TokenLoss(self.model), self.optimizer)
+        # FSDP over one process would only add overhead; the plain path is the same computation
+        self.fsdp = fsdp.fsdp_requested(flag=config.fsdp) and self.world > 1
+        if self.fsdp:
+            self._shard()
+        else:
+            self.wrapped, self.optimizer = self.accelerator.prepare(TokenLoss(self.model), self._optimizer())
         self.cache = self._feature_cache()
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.skipped: dict[str, str] = {}
@@ -311,13 +328,29 @@ class Trainer:
     def _prepare_model(self) -> None:
         precision = resolve_precision(self.config.precision, cpu=self.config.cpu)
         # pure bf16 casts before LoRA is added, so peft keeps the adapters in fp32
-        self.model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.train_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.model.to(self.train_dtype)
         self.param_groups = apply_stage(self.model, self.config.stage)
         if self.config.grad_ckpt:
             enable_checkpointing(self.model.language_model)
             if not self.config.stage.vision_frozen:
                 enable_checkpointing(self.model.vision.model)
         self.train_mode()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        groups = [{**g, "base_lr": g["lr"]} for g in self.param_groups]
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+
+    def _shard(self) -> None:
+        """FSDP2 in place (see fsdp.py); the optimizer is built on the sharded parameters, not prepared by
+        accelerate, whose DDP wrapping would not apply."""
+        stage = self.config.stage
+        # fully_shard moves what it shards to the device, but leaves the ignored (frozen) tower where it is
+        self.model.to(self.accelerator.device)
+        self.wrapped = TokenLoss(self.model, blank_images=not stage.vision_frozen)
+        fsdp.shard(self.wrapped, vision=self.model.vision, vision_frozen=stage.vision_frozen)
+        self.param_groups = param_groups(self.model, config=stage)
+        self.optimizer = self._optimizer()
 
     def train_mode(self) -> None:
         self.model.train()
@@ -398,13 +431,16 @@ class Trainer:
         scale = self.world / max(targets, 1)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(batches):
-            sync = nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(self.wrapped)
+            sync = nullcontext() if i == len(batches) - 1 else self._no_sync()
             with sync:
                 with self.accelerator.autocast():
                     loss = self.wrapped(**self.inputs(batch))
                 self.accelerator.backward(loss * scale)
             loss_sum += loss.detach().double().cpu()
         return StepStats(loss_sum=float(self.all_sum(loss_sum)), target_tokens=targets, tokens=tokens)
+
+    def _no_sync(self) -> AbstractContextManager[None]:
+        return fsdp.no_sync(self.wrapped) if self.fsdp else self.accelerator.no_sync(self.wrapped)
 
     def optimizer_step(self) -> float | None:
         factor = lr_factor(
@@ -415,7 +451,7 @@ class Trainer:
         norm = None
         if self.config.max_grad_norm:
             params = [p for _, p in iter_trainable(self.model)]
-            norm = float(self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm))
+            norm = fsdp.as_float(self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -454,20 +490,78 @@ class Trainer:
         if self.eval_dataset is None:
             return None
         self.model.eval()
-        indices = list(range(self.rank, len(self.eval_dataset), self.world))
-        chunks = [
-            indices[i : i + self.config.batch_size] for i in range(0, len(indices), self.config.batch_size)
-        ]
         totals = torch.zeros(2, dtype=torch.float64)
-        for batch in self._loader(self.eval_dataset, chunks):
-            if batch.ids:
-                with self.accelerator.autocast():
-                    loss = self.wrapped(**self.inputs(batch))
-                totals += torch.tensor([float(loss), batch.num_target_tokens], dtype=torch.float64)
+        for batch in self._eval_batches():
+            with self.accelerator.autocast():
+                loss = self.wrapped(**self.inputs(batch))
+            totals += torch.tensor([float(loss), batch.num_target_tokens], dtype=torch.float64)
         self.train_mode()
         loss_sum, targets = self.all_sum(totals).tolist()
         self.last_eval = loss_sum / targets if targets else None
         return self.last_eval
+
+    def _eval_batches(self) -> Iterator[Batch]:
+        """This process's eval batches. Under FSDP every process runs the same number of forwards (each one
+        gathers sharded weights), so empty batches become placeholders and short shares are padded with them."""
+        assert self.eval_dataset is not None
+        size = self.config.batch_size
+        indices = list(range(self.rank, len(self.eval_dataset), self.world))
+        chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        processor = self.vlm.processor
+        empty = placeholder_batch(
+            pad_token_id=processor.pad_token_id, image_size=processor.image_processor.image_size
+        )
+        for batch in self._loader(self.eval_dataset, chunks):
+            if batch.ids:
+                yield batch
+            elif self.fsdp:
+                yield empty
+        if self.fsdp:
+            most = math.ceil(math.ceil(len(self.eval_dataset) / self.world) / size)
+            for _ in range(most - len(chunks)):
+                yield empty
+
+    # ------------------------------------------------------------------------------------ state to save
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights by name (complete on the main process; collective under FSDP)."""
+        if self.fsdp:
+            return fsdp.full_state(self.wrapped, trainable_only=True)
+        return dict(iter_trainable(self.model))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """``optimizer.state_dict()`` with full tensors (complete on the main process; collective under FSDP)."""
+        if self.fsdp:
+            return fsdp.full_optimizer_state(self.wrapped, optimizer=self.optimizer)
+        return self.optimizer.state_dict()
+
+    def load_state(self, directory: Path) -> None:
+        """Trainable weights and optimizer state from a checkpoint (every process reads it)."""
+        if not self.fsdp:
+            ckpt.load_model_state(directory, model=self.model)
+            self.optimizer.load_state_dict(ckpt.read_optimizer_state(directory))
+            return
+        names = {name for name, _ in iter_trainable(self.model)}
+        fsdp.load_trainable(self.wrapped, weights=ckpt.read_trainable(directory, names=names))
+        fsdp.load_optimizer_state(
+            self.wrapped, optimizer=self.optimizer, state=ckpt.read_optimizer_state(directory)
+        )
+
+    def trained_vlm(self) -> Any:
+        """The VLM to save: ``self.vlm``; under FSDP (collective) a new VLM holding the gathered weights on the
+        main process (``None`` elsewhere), since the sharded model cannot be saved or used on its own."""
+        if not self.fsdp:
+            return self.vlm
+        from vlmkit.api import VLM
+
+        state = fsdp.full_state(self.wrapped, trainable_only=False)
+        if not self.is_main:
+            return None
+        model = VisionLanguageModel(config=copy.deepcopy(self.model.config))
+        model.to(self.train_dtype)  # as _prepare_model: the dtype before LoRA is added
+        apply_stage(model, self.config.stage)
+        model.load_state_dict(state)
+        return VLM(model=model, tokenizer=self.vlm.tokenizer)
 
     # ------------------------------------------------------------------------------------------ the run
 

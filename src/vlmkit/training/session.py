@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from vlmkit.training import checkpoint as ckpt
+from vlmkit.training import fsdp
 from vlmkit.training.loop import (
     METRICS_FILE,
     PLOT_FILE,
@@ -124,8 +125,7 @@ class RunSession:
                 f"cannot resume from {path}: {', '.join(changed)} differ from the interrupted run; "
                 "resume with the same data, stage, batch sizes, seed, precision and process count"
             )
-        ckpt.load_model_state(path, model=t.model)
-        ckpt.load_optimizer_state(path, optimizer=t.optimizer)
+        t.load_state(path)
         ckpt.load_rng(path, rank=t.rank)
         t.step, t.tokens_seen, t.skipped = state["step"], state["tokens_seen"], dict(state["skipped"])
         t.elapsed_before, t.last_loss = state["elapsed_s"], state.get("loss")
@@ -148,9 +148,12 @@ class RunSession:
         precision = resolve_precision(c.precision, cpu=c.cpu)
         self.note(
             f"{len(t.dataset)} records, global batch {t.layout.global_batch} ({c.batch_size} x {c.grad_accum} "
-            f"accumulation x {t.world} process(es)), {t.total_steps} steps, {precision} on "
-            f"{t.accelerator.device}, vision features {'cached' if t.cache else 'computed every step'}"
+            f"accumulation x {t.world} process(es){', FSDP' if t.fsdp else ''}), {t.total_steps} steps, "
+            f"{precision} on {t.accelerator.device}, vision features {'cached' if t.cache else 'computed every step'}"
         )
+        note = fsdp.accelerate_note() if t.fsdp else None
+        if note:
+            self.note(note)
 
     @contextmanager
     def _progress(self) -> Iterator[tuple[Any, Any]]:
@@ -221,6 +224,8 @@ class RunSession:
         t = self.t
         staging = ckpt.staging_dir(final)
         skipped = self._gathered_skipped()
+        # FSDP gathers the full tensors here, so every process calls these
+        weights, optimizer = t.trainable_state(), t.optimizer_state()
         if t.is_main:
             ckpt.remove_tree(staging)
             staging.mkdir(parents=True)
@@ -228,7 +233,7 @@ class RunSession:
         ckpt.write_rng(staging, rank=t.rank)
         if t.is_main:
             state = self._scheduler_state()
-            ckpt.write_main_state(staging, model=t.model, optimizer=t.optimizer, scheduler=state)
+            ckpt.write_main_state(staging, weights=weights, optimizer=optimizer, scheduler=state)
         t.accelerator.wait_for_everyone()
         if t.is_main:
             # trainer.json last: its presence marks a complete checkpoint
@@ -267,8 +272,9 @@ class RunSession:
             self._append_metrics({"step": t.step, "loss": t.last_loss, "eval_loss": t.last_eval})
         self.save_checkpoint(self.out / ckpt.FINAL_STATE)
         skipped = self._gathered_skipped()
+        vlm = t.trained_vlm()  # FSDP gathers the full model here: every process calls
         if t.is_main:
-            self._save_model()
+            self._save_model(vlm)
             if self.config.plot and self.metrics.is_file():
                 from vlmkit.training.plot import plot_loss
 
@@ -283,11 +289,10 @@ class RunSession:
                            tokens_per_s=self.tps, elapsed_s=elapsed, stopped=stopped,
                            skipped=skipped, main_process=t.is_main)  # fmt: skip
 
-    def _save_model(self) -> None:
+    def _save_model(self, vlm: Any) -> None:
         """Merge LoRA (keeping the adapter aside), restore the input dtype, and add the model files to OUT."""
         from vlmkit.training.lora import ADAPTER_DIR, has_adapters, merge_lora, save_adapters
 
-        vlm = self.t.vlm
         if has_adapters(vlm):
             save_adapters(vlm, directory=self.out / ADAPTER_DIR)
             merge_lora(vlm)

@@ -106,14 +106,22 @@ def apply_stage(model: VisionLanguageModel, config: StageConfig) -> list[dict[st
         add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                  vision=config.lora_vision)  # fmt: skip
     lrs = config.trainable_groups()
-    grouped: dict[str, list[nn.Parameter]] = {group: [] for group in lrs}
     for name, param in model.named_parameters():
-        group = group_of(name)
-        param.requires_grad_(group in lrs)
-        if group in lrs:
-            grouped[group].append(param)
+        param.requires_grad_(group_of(name) in lrs)
     if config.vision_frozen:
         model.vision.eval()  # a frozen tower also gets no dropout, so its features are reproducible
+    return param_groups(model, config=config)
+
+
+def param_groups(model: nn.Module, *, config: StageConfig) -> list[dict[str, Any]]:
+    """AdamW param groups (with ``name``) of the trainable parameters of a stage-prepared model.
+
+    Called again after FSDP sharding, which replaces every sharded parameter by a new (DTensor) one.
+    """
+    lrs = config.trainable_groups()
+    grouped: dict[str, list[nn.Parameter]] = {group: [] for group in lrs}
+    for name, param in iter_trainable(model):
+        grouped[group_of(name)].append(param)
     return [
         {"name": group, "params": grouped[group], "lr": lr} for group, lr in lrs.items() if grouped[group]
     ]

@@ -47,7 +47,9 @@ class VisionEncoder(nn.Module):
         self.hidden_size: int = hf_config.hidden_size
         self.patch_size: int = hf_config.patch_size
         self.native_size: int = hf_config.image_size
-        self.num_prefix = _PREFIX_TOKENS[self.model_type] + int(getattr(hf_config, "num_register_tokens", 0) or 0)
+        self.num_prefix = _PREFIX_TOKENS[self.model_type] + int(
+            getattr(hf_config, "num_register_tokens", 0) or 0
+        )
         self._check_layer(hf_config.num_hidden_layers)
 
     def _check_layer(self, num_layers: int) -> None:
