@@ -194,3 +194,15 @@ def test_higher_resolution_multiplies_image_tokens(parts):
     high = VLM.build(vision=parts["clip"], language=parts["llama"], image_size=64)
     assert high.model.num_image_tokens == 4 * low.model.num_image_tokens
     assert isinstance(high.ask("Describe.", images=make_image(seed=1), max_new_tokens=2), str)
+
+
+def test_a_tied_group_with_no_stored_tensor_is_missing(parts):
+    from vlmkit.models.io import load_weights, unique_state_dict
+
+    vlm = VLM.build(vision=parts["clip"], language=parts["gpt2"])  # GPT-2 ties lm_head to wte
+    state = unique_state_dict(vlm.model)
+    assert "language_model.transformer.wte.weight" not in state  # stored once, under the other name
+    load_weights(type(vlm.model)(config=vlm.config), dict(state), source="ok")  # the tie is restored
+    del state["language_model.lm_head.weight"]
+    with pytest.raises(ModelDirError, match="missing 2 tensors"):
+        load_weights(type(vlm.model)(config=vlm.config), state, source="bad")

@@ -80,7 +80,8 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: Path | str) -> None:
     """Load ``state`` strictly, allowing only the tied duplicates that were dropped at save time."""
     expected = model.state_dict()
-    tied = {name for group in _shared_groups(expected) for name in group}
+    # of each tied group one name is stored (the others share its storage); a group with none is missing
+    tied = {name for group in _shared_groups(expected) if set(group) & set(state) for name in group}
     missing = sorted(set(expected) - set(state) - tied)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
