@@ -206,3 +206,18 @@ def test_a_tied_group_with_no_stored_tensor_is_missing(parts):
     del state["language_model.lm_head.weight"]
     with pytest.raises(ModelDirError, match="missing 2 tensors"):
         load_weights(type(vlm.model)(config=vlm.config), state, source="bad")
+
+
+def test_left_padded_forward_equals_each_row_alone(tiny_vlm, images):
+    vlm = tiny_vlm
+    rows = [
+        Sample(messages=vlm.processor.user_prompt("Describe the image in a few words.", num_images=1),
+               images=[images[0]]),
+        Sample(messages=vlm.processor.user_prompt("Hi", num_images=0), images=[]),
+    ]  # fmt: skip
+    batch = vlm.processor(rows, padding_side="left")
+    with torch.no_grad():
+        both = vlm.model(**batch).logits
+        for i, row in enumerate(rows):
+            alone = vlm.model(**vlm.processor([row], padding_side="left")).logits[0]
+            torch.testing.assert_close(both[i, -alone.shape[0] :], alone, atol=1e-5, rtol=1e-5)

@@ -14,6 +14,17 @@ from vlmkit.models.projectors import build_projector
 from vlmkit.models.vision import VisionEncoder
 
 
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask [batch, seq] -> position_ids [batch, seq] that start at each row's first real token.
+
+    A left-padded row then scores exactly like the row alone; right padding gives plain 0..seq-1, as
+    transformers does (pads' own positions are irrelevant: nothing attends to them).
+    """
+    leading_pads = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # [batch, 1]
+    steps = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (steps - leading_pads).clamp(min=0)
+
+
 class VisionLanguageModel(nn.Module):
     """Three explicit sub-modules; parameter names are ``vision.*``, ``projector.*``, ``language_model.*``."""
 
@@ -103,6 +114,7 @@ class VisionLanguageModel(nn.Module):
         """input_ids [batch, seq], attention_mask [batch, seq], pixel_values [images, 3, S, S], labels [batch, seq].
 
         Returns the language model's output (``.logits`` [batch, seq, vocab], ``.loss`` when labels are given).
+        Without explicit ``position_ids`` they are derived from the mask, as transformers' ``generate`` does.
         """
         device = self.device
         embeds = self.embed(
@@ -110,6 +122,12 @@ class VisionLanguageModel(nn.Module):
         )
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
+            if (
+                "position_ids" not in lm_kwargs
+                and "past_key_values" not in lm_kwargs
+                and "cache" not in lm_kwargs
+            ):
+                lm_kwargs["position_ids"] = padded_positions(attention_mask)
         if labels is not None:
             labels = labels.to(device)
         return self.language_model(
