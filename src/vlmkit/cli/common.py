@@ -57,6 +57,12 @@ VisionTowerOption = Annotated[
         "--vision-tower", help="Local vision tower dir that an original LLaVA checkpoint names by hub id."
     ),
 ]
+ImageFolderOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--image-folder", help="Image paths are relative to this (default: the data file's folder)."
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Write machine-readable JSON to stdout.")]
 DeviceOption = Annotated[
     str | None, typer.Option("--device", help="Torch device to run on, e.g. cpu or cuda (default: cpu).")

@@ -19,6 +19,7 @@ from vlmkit.cli.common import (
     DeviceOption,
     DType,
     DTypeOption,
+    ImageFolderOption,
     JsonOption,
     ModelOption,
     load_model,
@@ -43,12 +44,7 @@ def eval_command(
         Path, typer.Option("--data", "-d", help="LLaVA-format JSON array or JSONL to evaluate on.")
     ],
     model: ModelOption = None,
-    image_folder: Annotated[
-        Path | None,
-        typer.Option(
-            "--image-folder", help="Image paths are relative to this (default: the data file's folder)."
-        ),
-    ] = None,
+    image_folder: ImageFolderOption = None,
     metric: Annotated[Metric, typer.Option("--metric", help="How answers are scored.")] = Metric.exact_match,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records generated together.")] = 8,
     limit: Annotated[

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vlmkit.cli.common import CLIError, JsonOption, ModelOption, load_model, note, quiet_libraries, write_json
+from vlmkit.cli.common import (
+    CLIError,
+    ImageFolderOption,
+    JsonOption,
+    ModelOption,
+    load_model,
+    note,
+    quiet_libraries,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from vlmkit.training.loop import TrainConfig
@@ -36,10 +45,7 @@ class Precision(str, Enum):
 def train_command(
     data: Annotated[Path, typer.Option("--data", help="LLaVA-format JSON array or JSONL file.")],
     out: Annotated[Path, typer.Option("--out", help="Output dir: the trained model, checkpoints, metrics.")],
-    image_folder: Annotated[
-        Path | None,
-        typer.Option("--image-folder", help="Image paths are relative to this (default: data dir)."),
-    ] = None,
+    image_folder: ImageFolderOption = None,
     model: ModelOption = None,
     recipe: Annotated[
         str | None,
