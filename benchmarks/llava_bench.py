@@ -362,7 +362,7 @@ def environment(spec: Spec) -> dict[str, Any]:
         "git": _git_rev(),
         "device": spec.device,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
     }
     if spec.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
@@ -377,7 +377,7 @@ def _git_rev() -> str:
         return "?"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

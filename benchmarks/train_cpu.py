@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import llava_bench as lb  # noqa: E402
 import train_gpu as tg  # noqa: E402 - the GPU benchmark's builders and timer, reused at CPU sizes
 
 STAGES = ("projector", "lora", "full")
@@ -77,16 +77,6 @@ def run_setup(name: str, setup: tg.Setup, *, threads: list[int], work: Path) -> 
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=("tiny", "small"), default=["tiny", "small"])
@@ -95,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
-    report: dict[str, Any] = {"versions": tg.versions(), "device": "cpu", "cpu": cpu_name(),
+    report: dict[str, Any] = {"versions": tg.versions(), "device": "cpu", "cpu": lb.cpu_name(),
                               "logical_cpus": os.cpu_count(), "threads": args.threads,
                               "precision": "fp32", "processes": 1, "models": {}}  # fmt: skip
     setups = {"tiny": tiny_setup, "small": small_setup}

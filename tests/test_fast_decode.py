@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tiny import left_padded_embeds as embed
 from tiny import save_language
 from vlmkit.api import VLM
 from vlmkit.generation import DecodeOptions, GenerationConfig, generate, stream
@@ -44,16 +45,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Any
             AutoTokenizer.from_pretrained(directory),
         )
     return out
-
-
-def embed(lm: Any, tokenizer: Any, prompts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded inputs_embeds [batch, seq, dim] and attention_mask [batch, seq]."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    width = max(map(len, ids))
-    padded = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in ids])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
-    with torch.no_grad():
-        return lm.get_input_embeddings()(padded), mask
 
 
 def run(

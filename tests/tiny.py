@@ -152,3 +152,13 @@ def save_language(directory: Path, kind: str = "llama", *, chat_template: bool =
     model.save_pretrained(directory)
     save_tokenizer(directory, chat_template=chat_template)
     return directory
+
+
+def left_padded_embeds(lm, tokenizer, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``inputs_embeds`` [batch, seq, dim] and ``attention_mask`` [batch, seq] for text prompts."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    padded = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in ids])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+    with torch.no_grad():
+        return lm.get_input_embeddings()(padded), mask
