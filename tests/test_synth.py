@@ -23,6 +23,8 @@ from vlmkit.data.synth_render import document_font
 from vlmkit.data.synth_scene import DocumentScene, ShapeScene, sample_document, scene_from_dict
 
 N = 45  # three records of every task
+K = 6  # questions per train image of the grouped set
+OUTPUT_FILES = ("train.json", "test.json", "scenes.jsonl", "synth.json")
 POS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "centre",
        (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}  # fmt: skip
 WORDS = ["zero", "one", "two", "three", "four", "five"]
@@ -32,6 +34,13 @@ WORDS = ["zero", "one", "two", "three", "four", "five"]
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "set"
     generate_dataset(out, n=N, seed=7, image_size=64, test_fraction=0.2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "grouped"
+    generate_dataset(out, n=300, seed=5, image_size=64, test_fraction=0.1, questions_per_image=K)
     return out
 
 
@@ -159,17 +168,41 @@ def oracle(question: str, scenes: list) -> str:
 # -------------------------------------------------------------------------------------------------- tests
 
 
+def check_answers(out: Path, split: str) -> set[str]:
+    """Re-derive every answer of a split from scenes.jsonl; return the tasks seen."""
+    scenes = load_scenes(out)
+    for record in records(out, split):
+        human, gpt = record["conversations"]
+        question = human["value"].split("\n")[-1]
+        expected = oracle(question, [scenes[path] for path in image_list(record)])
+        assert gpt["value"] == expected, (record["id"], question)
+    return {record["task"] for record in records(out, split)}
+
+
+def json_digest(out: Path) -> str:
+    return hashlib.sha256(b"".join((out / name).read_bytes() for name in OUTPUT_FILES)).hexdigest()
+
+
 def test_answers_match_the_scene_descriptions(dataset):
-    scenes = load_scenes(dataset)
-    seen = set()
-    for split in ("train", "test"):
-        for record in records(dataset, split):
-            human, gpt = record["conversations"]
-            question = human["value"].split("\n")[-1]
-            expected = oracle(question, [scenes[path] for path in image_list(record)])
-            assert gpt["value"] == expected, (record["id"], question)
-            seen.add(record["task"])
-    assert seen == set(TASKS)
+    assert check_answers(dataset, "train") | check_answers(dataset, "test") == set(TASKS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "digest"),
+    [
+        ({"n": N, "seed": 7, "image_size": 64, "test_fraction": 0.2},
+         "aa99bcb8d5872a7b55b9db351b6d3560a34b345f2d80ff4dbac2e7146000a6ba"),
+        ({"n": 40, "seed": 3, "image_size": 96, "test_fraction": 0.25,
+          "tasks": ["multi_compare", "doc_total", "vqa_relation"], "questions_per_image": 1},
+         "6ce42ed0c658658900fb38de7f33e58b0f2978fd075facc0bbab32dbe21113c7"),
+    ],
+)  # fmt: skip
+def test_one_question_per_image_is_unchanged(tmp_path, kwargs, digest):
+    """Hashes of the output written before ``questions_per_image`` existed: existing sets must not change.
+
+    Pixels are a function of the scenes in scenes.jsonl (checked by test_scene_round_trip_and_rendering)."""
+    generate_dataset(tmp_path / "set", **kwargs)
+    assert json_digest(tmp_path / "set") == digest
 
 
 def test_record_format_and_placeholders(dataset):
@@ -189,10 +222,13 @@ def test_record_format_and_placeholders(dataset):
                 assert image.size == (64, 64) and image.mode == "RGB"
 
 
-def test_splits_share_no_image(dataset):
+@pytest.mark.parametrize("name", ["dataset", "grouped"])
+def test_splits_share_no_image(name, request):
+    out = request.getfixturevalue(name)
+
     def hashes(split: str) -> set[str]:
-        paths = [p for r in records(dataset, split) for p in image_list(r)]
-        return {hashlib.sha1(np.asarray(Image.open(dataset / p)).tobytes()).hexdigest() for p in paths}
+        paths = [p for r in records(out, split) for p in image_list(r)]
+        return {hashlib.sha1(np.asarray(Image.open(out / p)).tobytes()).hexdigest() for p in paths}
 
     assert not hashes("train") & hashes("test")
 
@@ -218,7 +254,7 @@ def test_test_images_equal_to_train_are_redrawn(tmp_path, monkeypatch):
 def test_same_seed_same_bytes_different_seed_differs(dataset, tmp_path):
     again = tmp_path / "again"
     generate_dataset(again, n=N, seed=7, image_size=64, test_fraction=0.2)
-    for name in ("train.json", "test.json", "scenes.jsonl", "synth.json"):
+    for name in OUTPUT_FILES:
         assert (again / name).read_bytes() == (dataset / name).read_bytes(), name
     for path in sorted((dataset / "images").rglob("*.png")):
         same = again / path.relative_to(dataset)
@@ -228,10 +264,12 @@ def test_same_seed_same_bytes_different_seed_differs(dataset, tmp_path):
     assert (other / "train.json").read_bytes() != (dataset / "train.json").read_bytes()
 
 
-def test_scene_round_trip_and_rendering(dataset):
-    for path, scene in load_scenes(dataset).items():
+@pytest.mark.parametrize("name", ["dataset", "grouped"])
+def test_scene_round_trip_and_rendering(name, request):
+    out = request.getfixturevalue(name)
+    for path, scene in load_scenes(out).items():
         assert scene_from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
-        assert np.array_equal(np.asarray(render_scene(scene)), np.asarray(Image.open(dataset / path)))
+        assert np.array_equal(np.asarray(render_scene(scene)), np.asarray(Image.open(out / path)))
 
 
 @pytest.mark.parametrize("size", [64, 96])
@@ -260,6 +298,10 @@ def test_bad_settings_and_foreign_directories(tmp_path):
         generate_dataset(tmp_path / "a", n=5, seed=0, image_size=16)
     with pytest.raises(ValueError, match="unknown task"):
         generate_dataset(tmp_path / "a", n=5, seed=0, tasks=["vqa_colour", "juggling"])
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"questions per image must be >= 1, got {bad}"):
+            generate_dataset(tmp_path / "a", n=5, seed=0, questions_per_image=bad)
+    assert not (tmp_path / "a").exists()  # validated before anything is written
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
@@ -270,6 +312,116 @@ def test_bad_settings_and_foreign_directories(tmp_path):
     generate_dataset(ours, n=20, seed=0)
     generate_dataset(ours, n=5, seed=0, test_fraction=0.0)  # re-running replaces a previous output
     assert len(list((ours / "images/train").iterdir())) == 5 and not list((ours / "images/test").iterdir())
+
+
+# ------------------------------------------------------------------------------ several questions per image
+
+
+def by_image(recs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for record in recs:
+        groups.setdefault(tuple(image_list(record)), []).append(record)
+    return groups
+
+
+def question(record: dict) -> str:
+    return record["conversations"][0]["value"]
+
+
+def test_grouped_answers_match_the_scene_descriptions(grouped):
+    assert check_answers(grouped, "train") == set(TASKS)  # every task still appears in train
+    assert check_answers(grouped, "test") == set(TASKS)
+
+
+def test_grouped_train_shares_images_test_does_not(grouped):
+    train, test = records(grouped, "train"), records(grouped, "test")
+    assert (len(train), len(test)) == (270, 30)
+    assert [r["id"] for r in train] == [f"train-{i:06d}" for i in range(270)]
+    groups = by_image(train)
+    assert len(groups) <= 300 // 3  # packing: far fewer images than records
+    for members in groups.values():
+        assert len(members) <= K
+        assert len({question(r) for r in members}) == len(members)  # never the same question twice
+        family = {r["task"].split("_")[0] if r["task"].startswith(("doc_", "multi_")) else "shapes"
+                  for r in members}  # fmt: skip
+        assert len(family) == 1, members
+        if members[0]["task"] == "multi_change":
+            assert len(members) == 1
+    assert max(len(members) for members in groups.values()) == K
+    assert all(len(members) == 1 for members in by_image(test).values())  # test: one question per image
+    assert all(not p.startswith("images/test/g") for r in test for p in image_list(r))
+
+
+def test_grouped_images_are_written_once(grouped):
+    train, test = records(grouped, "train"), records(grouped, "test")
+    paths = {p for r in train + test for p in image_list(r)}
+    lines = (grouped / "scenes.jsonl").read_text().splitlines()
+    assert len(lines) == len(paths) == len({json.loads(line)["image"] for line in lines})
+    on_disk = {str(p.relative_to(grouped)) for p in (grouped / "images").rglob("*.png")}
+    assert on_disk == paths
+    settings = json.loads((grouped / "synth.json").read_text())
+    assert settings["questions_per_image"] == K
+    for split, recs in (("train", train), ("test", test)):
+        counts = settings["counts"][split]
+        assert counts["records"] == len(recs)
+        assert counts["images"] == len({p for r in recs for p in image_list(r)})
+        assert sum(counts["tasks"].values()) == len(recs)
+
+
+def test_grouped_is_deterministic_and_truncates_exactly(grouped, tmp_path):
+    again = tmp_path / "again"
+    generate_dataset(again, n=300, seed=5, image_size=64, test_fraction=0.1, questions_per_image=K)
+    assert json_digest(again) == json_digest(grouped)
+    for path in sorted((grouped / "images").rglob("*.png")):
+        assert (again / path.relative_to(grouped)).read_bytes() == path.read_bytes(), path
+    # a smaller n cuts the last group short: its records are a prefix of the larger set's
+    short = tmp_path / "short"
+    generate_dataset(short, n=100, seed=5, image_size=64, test_fraction=0.0, questions_per_image=K)
+    assert records(short, "train") == records(grouped, "train")[:100]
+
+
+def test_documents_get_their_other_fields(tmp_path):
+    out = tmp_path / "docs"
+    tasks = ["doc_date", "doc_total", "doc_number", "doc_name"]
+    generate_dataset(out, n=80, seed=2, test_fraction=0.0, tasks=tasks, questions_per_image=K)
+    check_answers(out, "train")  # the oracle rejects a number asked of a receipt or a total of a form
+    scenes = load_scenes(out)
+    fields = {"invoice": 4, "receipt": 3, "form": 3}
+    groups = by_image(records(out, "train"))
+    for (path,), members in list(groups.items())[:-1]:  # the last group may be cut short
+        assert len(members) == fields[scenes[path].doc_type]
+
+
+def test_grouped_collisions_are_redrawn(tmp_path, monkeypatch):
+    """Train group 1 first copies group 0 and test record 0 copies it too: both must draw again."""
+    original_group, original_sample = synth.draw_group, synth.draw_sample
+    attempts = []
+
+    def group_colliding(*, split: str, group: int, attempt: int = 0, **kwargs):
+        attempts.append((split, group, attempt))
+        if group == 1 and attempt == 0:
+            return original_group(split=split, group=0, attempt=0, **kwargs)
+        return original_group(split=split, group=group, attempt=attempt, **kwargs)
+
+    def sample_colliding(*, seed: int, split: str, index: int, task: str, image_size: int, attempt: int = 0):
+        attempts.append((split, index, attempt))
+        if split == "test" and attempt == 0:
+            first = original_group(seed=seed, split="train", group=0, tasks=["caption"], image_size=image_size,
+                                   questions=1)  # fmt: skip
+            return first[0]
+        return original_sample(seed=seed, split=split, index=index, task=task, image_size=image_size,
+                               attempt=attempt)  # fmt: skip
+
+    monkeypatch.setattr(synth, "draw_group", group_colliding)
+    monkeypatch.setattr(synth, "draw_sample", sample_colliding)
+    out = tmp_path / "out"
+    generate_dataset(
+        out, n=8, seed=1, test_fraction=0.25, tasks=["caption", "vqa_size"], questions_per_image=3
+    )
+    assert ("train", 1, 1) in attempts and ("test", 0, 1) in attempts
+    first = np.asarray(Image.open(out / "images/train/g000000.png"))
+    for other in ("images/train/g000001.png", "images/test/000000.png"):
+        assert not np.array_equal(first, np.asarray(Image.open(out / other))), other
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -311,3 +463,18 @@ def test_cli_synth_user_error_is_one_line(tmp_path):
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: unknown task"), (
         result.output
     )
+
+
+def test_cli_synth_questions_per_image(tmp_path):
+    out = tmp_path / "packed"
+    args = ["synth", "--out", str(out), "--n", "40", "--seed", "3", "--questions-per-image", "4", "--json"]
+    result = CliRunner().invoke(cli_app(), args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["questions_per_image"] == 4 and data["train"]["records"] == 36
+    assert data["train"]["images"] < 36 and data["test"]["images"] >= data["test"]["records"] == 4
+    assert json.loads((out / "synth.json").read_text())["questions_per_image"] == 4
+    bad = CliRunner().invoke(
+        cli_app(), ["synth", "--out", str(out), "--n", "5", "--questions-per-image", "0"]
+    )
+    assert bad.exit_code == 2 and "--questions-per-image" in bad.output

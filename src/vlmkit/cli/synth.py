@@ -27,6 +27,15 @@ def synth_command(
         str | None,
         typer.Option("--tasks", help="Comma-separated subset of tasks (default: all; see docs/eval.md)."),
     ] = None,
+    questions_per_image: Annotated[
+        int,
+        typer.Option(
+            "--questions-per-image",
+            min=1,
+            help="Up to K questions (records) about each train image, packed into one training sequence; "
+            "--n still counts records. The test split always has one question per image.",
+        ),
+    ] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Generate shapes, documents and multi-image questions whose answers come from the scene descriptions."""
@@ -34,9 +43,10 @@ def synth_command(
 
     names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
     counts = generate_dataset(out, n=n, seed=seed, image_size=image_size, test_fraction=test_fraction,
-                              tasks=names)  # fmt: skip
+                              tasks=names, questions_per_image=questions_per_image)  # fmt: skip
     if as_json:
-        write_json({"out": str(out), "seed": seed, "image_size": image_size} | counts)
+        write_json({"out": str(out), "seed": seed, "image_size": image_size,
+                    "questions_per_image": questions_per_image} | counts)  # fmt: skip
         return
     train, test = counts["train"], counts["test"]
     note(f"wrote {train['records']} train + {test['records']} test records "

@@ -3,7 +3,8 @@
 Layout of the output directory::
 
     train.json, test.json        JSON arrays, one record a line: {"id", "task", "image", "conversations"}
-    images/train/, images/test/  PNGs (multi-image records: ``000012_1.png``, ``000012_2.png`` ...)
+    images/train/, images/test/  PNGs (multi-image records: ``000012_1.png``, ``000012_2.png`` ...; with
+                                 several questions per image, train images are named by group: ``g000012.png``)
     scenes.jsonl                 {"image": path, "scene": {...}}: the description every answer came from
     synth.json                   settings and counts; also marks the directory as generated here
 
@@ -11,6 +12,13 @@ Record ``i`` of a split is drawn from its own RNG seeded with (seed, split, i), 
 of its arguments: same seed -> byte-identical JSON and identical pixels. Tasks are assigned round-robin, so
 every task appears once ``n`` reaches the number of tasks. Test records whose image pixels equal any train
 image are re-drawn, so the splits share no image.
+
+With ``questions_per_image`` K > 1 the train split is made of groups (packing all questions about one image
+into one training sequence is much cheaper): group ``g`` has its own RNG, its anchor task is
+``tasks[g % len(tasks)]``, and up to K - 1 further questions about the same scene(s) follow from the other
+selected tasks that fit them (``synth_tasks.follow_ups``). Each question is still its own record; the records
+of a group share its image(s). The test split always keeps one question per image, so held-out evaluation
+stays balanced per task. K = 1 writes exactly what the one-question-per-image generator always wrote.
 """
 
 from __future__ import annotations
@@ -27,10 +35,10 @@ from typing import Any
 
 from vlmkit.data.synth_render import render_scene
 from vlmkit.data.synth_scene import DocumentScene, Scene, Shape, ShapeScene, scene_from_dict
-from vlmkit.data.synth_tasks import TASKS, TaskSample
+from vlmkit.data.synth_tasks import TASKS, TaskSample, follow_ups
 
-__all__ = ["TASKS", "DocumentScene", "Scene", "Shape", "ShapeScene", "draw_sample", "generate_dataset",
-           "load_scenes", "render_scene", "scene_from_dict"]  # fmt: skip
+__all__ = ["TASKS", "DocumentScene", "Scene", "Shape", "ShapeScene", "draw_group", "draw_sample",
+           "generate_dataset", "load_scenes", "render_scene", "scene_from_dict"]  # fmt: skip
 
 GENERATOR_VERSION = 1
 MIN_IMAGE_SIZE = 32
@@ -46,9 +54,15 @@ def generate_dataset(
     image_size: int = 64,
     test_fraction: float = 0.1,
     tasks: Sequence[str] | None = None,
+    questions_per_image: int = 1,
 ) -> dict[str, Any]:
-    """Write ``n`` records (``test_fraction`` of them to test.json) under ``out``; return counts per split/task."""
-    task_names = check_settings(n=n, image_size=image_size, test_fraction=test_fraction, tasks=tasks)
+    """Write ``n`` records (``test_fraction`` of them to test.json) under ``out``; return counts per split/task.
+
+    ``questions_per_image`` (K) applies to the train split only: up to K records (questions) share each train
+    image, and ``n`` still counts records. The test split always has one question per image.
+    """
+    task_names = check_settings(n=n, image_size=image_size, test_fraction=test_fraction, tasks=tasks,
+                                questions_per_image=questions_per_image)  # fmt: skip
     out = Path(out).expanduser()
     _prepare_out(out)
     n_test = min(int(n * test_fraction + 0.5), n - 1)  # round half up; train keeps at least one record
@@ -59,18 +73,22 @@ def generate_dataset(
         for split in SPLITS:
             (out / "images" / split).mkdir(parents=True, exist_ok=True)
             records = []
-            for record, images in _draw_split(split=split, count=sizes[split], seed=seed, image_size=image_size,
-                                              tasks=task_names, exclude=train_pixels):  # fmt: skip
+            per_image = questions_per_image if split == "train" else 1
+            for group, images in _draw_split(split=split, count=sizes[split], seed=seed, image_size=image_size,
+                                             tasks=task_names, exclude=train_pixels,
+                                             questions_per_image=per_image):  # fmt: skip
                 for path, (scene, image) in images.items():
                     image.save(out / path, format="PNG")
                     scenes_file.write(json.dumps({"image": path, "scene": scene.to_dict()}) + "\n")
                     if split == "train":
                         train_pixels.add(pixel_hash(image))
-                records.append(record)
+                records.extend(group)
             _write_records(out / f"{split}.json", records)
             counts[split] = _count(records)
     settings = {"generator": "vlmkit synth", "version": GENERATOR_VERSION, "seed": seed, "n": n,
                 "image_size": image_size, "test_fraction": test_fraction, "tasks": task_names}  # fmt: skip
+    if questions_per_image != 1:  # absent means 1: synth.json of a K = 1 set stays as it always was
+        settings["questions_per_image"] = questions_per_image
     (out / "synth.json").write_text(
         json.dumps(settings | {"counts": counts}, indent=2) + "\n", encoding="utf-8"
     )
@@ -78,11 +96,18 @@ def generate_dataset(
 
 
 def check_settings(
-    *, n: int, image_size: int, test_fraction: float, tasks: Sequence[str] | None
+    *,
+    n: int,
+    image_size: int,
+    test_fraction: float,
+    tasks: Sequence[str] | None,
+    questions_per_image: int = 1,
 ) -> list[str]:
     """Validate the arguments of ``generate_dataset``; return the task list to use."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if questions_per_image < 1:
+        raise ValueError(f"questions per image must be >= 1, got {questions_per_image}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
     if not 0 <= test_fraction < 1:
@@ -101,6 +126,22 @@ def draw_sample(
     # a string seed is hashed with SHA-512 by ``random``: stable across processes and platforms
     rng = random.Random(f"vlmkit-synth/{seed}/{split}/{index}/{attempt}")
     return TASKS[task](rng, image_size)
+
+
+def draw_group(
+    *,
+    seed: int,
+    split: str,
+    group: int,
+    tasks: Sequence[str],
+    image_size: int,
+    questions: int,
+    attempt: int = 0,
+) -> list[TaskSample]:
+    """Up to ``questions`` samples about the same scene(s): the anchor task's own sample, then follow-ups."""
+    rng = random.Random(f"vlmkit-synth/{seed}/{split}/group{group}/{attempt}")
+    first = TASKS[tasks[group % len(tasks)]](rng, image_size)
+    return [first, *follow_ups(rng, first, tasks=tasks, count=questions - 1)]
 
 
 def human_turn(question: str, *, num_images: int) -> str:
@@ -126,32 +167,66 @@ def load_scenes(directory: Path) -> dict[str, Scene]:
 
 
 def _draw_split(
-    *, split: str, count: int, seed: int, image_size: int, tasks: list[str], exclude: set[str]
-) -> Iterator[tuple[dict[str, Any], dict[str, tuple[Scene, Any]]]]:
-    """(record, {image path: (scene, PIL image)}) for each record of a split."""
-    for index in range(count):
-        task = tasks[index % len(tasks)]
+    *,
+    split: str,
+    count: int,
+    seed: int,
+    image_size: int,
+    tasks: list[str],
+    exclude: set[str],
+    questions_per_image: int,
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, tuple[Scene, Any]]]]:
+    """(records, {image path: (scene, PIL image)}) for each image (group) of a split, ``count`` records in all.
+
+    A draw with an image in ``exclude`` (pixel hashes) is re-drawn with the next attempt.
+    """
+
+    def draw(unit: int, questions: int, attempt: int) -> list[TaskSample]:
+        if questions_per_image == 1:  # the original layout: record i has its own RNG and its own image
+            task = tasks[unit % len(tasks)]
+            return [draw_sample(seed=seed, split=split, index=unit, task=task, image_size=image_size,
+                                attempt=attempt)]  # fmt: skip
+        return draw_group(seed=seed, split=split, group=unit, tasks=tasks, image_size=image_size,
+                          questions=questions, attempt=attempt)  # fmt: skip
+
+    index = unit = 0
+    while index < count:
+        questions = min(questions_per_image, count - index)  # the last group may be cut short
         for attempt in itertools.count():
-            sample = draw_sample(seed=seed, split=split, index=index, task=task, image_size=image_size,
-                                 attempt=attempt)  # fmt: skip
-            images = [render_scene(scene) for scene in sample.scenes]
+            samples = draw(unit, questions, attempt)
+            images = [render_scene(scene) for scene in samples[0].scenes]
             if not any(pixel_hash(image) in exclude for image in images):
                 break
-        paths = _image_paths(split=split, index=index, count=len(images))
-        record = {
-            "id": f"{split}-{index:06d}",
-            "task": sample.task,
-            "image": paths[0] if len(paths) == 1 else paths,
-            "conversations": [
-                {"from": "human", "value": human_turn(sample.question, num_images=len(paths))},
-                {"from": "gpt", "value": sample.answer},
-            ],
-        }
-        yield record, dict(zip(paths, zip(sample.scenes, images, strict=True), strict=True))
+        name = f"{unit:06d}" if questions_per_image == 1 else f"g{unit:06d}"
+        yield _group(split=split, first=index, name=name, samples=samples, images=images)
+        index, unit = index + len(samples), unit + 1
 
 
-def _image_paths(*, split: str, index: int, count: int) -> list[str]:
-    stem = f"images/{split}/{index:06d}"
+def _group(
+    *, split: str, first: int, name: str, samples: list[TaskSample], images: list[Any]
+) -> tuple[list[dict[str, Any]], dict[str, tuple[Scene, Any]]]:
+    """Records ``first``, ``first + 1``, ... (one per sample), all pointing at the same image file(s)."""
+    paths = _image_paths(split=split, name=name, count=len(images))
+    records = [
+        _record(split=split, index=first + k, sample=sample, paths=paths) for k, sample in enumerate(samples)
+    ]
+    return records, dict(zip(paths, zip(samples[0].scenes, images, strict=True), strict=True))
+
+
+def _record(*, split: str, index: int, sample: TaskSample, paths: list[str]) -> dict[str, Any]:
+    return {
+        "id": f"{split}-{index:06d}",
+        "task": sample.task,
+        "image": paths[0] if len(paths) == 1 else paths,
+        "conversations": [
+            {"from": "human", "value": human_turn(sample.question, num_images=len(paths))},
+            {"from": "gpt", "value": sample.answer},
+        ],
+    }
+
+
+def _image_paths(*, split: str, name: str, count: int) -> list[str]:
+    stem = f"images/{split}/{name}"
     return [f"{stem}.png"] if count == 1 else [f"{stem}_{k}.png" for k in range(1, count + 1)]
 
 
@@ -162,8 +237,14 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _count(records: list[dict[str, Any]]) -> dict[str, Any]:
-    images = sum(len(r["image"]) if isinstance(r["image"], list) else 1 for r in records)
-    return {"records": len(records), "images": images, "tasks": dict(Counter(r["task"] for r in records))}
+    images = {
+        path for r in records for path in (r["image"] if isinstance(r["image"], list) else [r["image"]])
+    }
+    return {
+        "records": len(records),
+        "images": len(images),
+        "tasks": dict(Counter(r["task"] for r in records)),
+    }
 
 
 def _prepare_out(out: Path) -> None:

@@ -43,19 +43,23 @@ def _render_shapes(scene: ShapeScene) -> Image.Image:
     image = Image.new("RGB", (scene.size, scene.size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        x, y, r = shape_geometry(shape, size=scene.size)
-        fill = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif shape.kind == "square":
-            half = r * 0.9  # a square of the same radius looks bigger than the circle
-            draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
-        elif shape.kind == "triangle":
-            dx = r * math.sqrt(3) / 2
-            draw.polygon([(x, y - r), (x - dx, y + r / 2), (x + dx, y + r / 2)], fill=fill)
-        else:
-            raise ValueError(f"unknown shape kind {shape.kind!r}")
+        draw_shape(draw, shape, size=scene.size, fill=COLOURS[shape.colour])
     return image
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, *, size: int, fill: int | tuple[int, ...]) -> None:
+    """Draw one shape; also used to render label maps (``fill`` = a class id) with the exact same pixels."""
+    x, y, r = shape_geometry(shape, size=size)
+    if shape.kind == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape.kind == "square":
+        half = r * 0.9  # a square of the same radius looks bigger than the circle
+        draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
+    elif shape.kind == "triangle":
+        dx = r * math.sqrt(3) / 2
+        draw.polygon([(x, y - r), (x - dx, y + r / 2), (x + dx, y + r / 2)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape kind {shape.kind!r}")
 
 
 @functools.lru_cache(maxsize=8)
