@@ -61,7 +61,7 @@ class Spec:
     device: str
     dtype: str  # "float32" | "bfloat16"
     vision: dict[str, Any]  # CLIPVisionConfig kwargs
-    text: dict[str, Any]  # LlamaConfig kwargs (vocab_size is fixed by the tokenizer: 32064)
+    text: dict[str, Any]  # LlamaConfig kwargs (vocab_size comes from the fields below)
     max_new_tokens: int
     batches: tuple[int, ...]
     encode_batch: int
@@ -69,6 +69,9 @@ class Spec:
     compile: bool | dict[str, Any] = False
     short_answer_tokens: int = 8  # VQA-style answers: first-token time matters more
     image_size_px: tuple[int, int] = (640, 480)
+    words: int = 32000  # tokenizer words (<unk> <s> </s> first); then <image> = words, <pad> = words + 1
+    vocab_size: int = 32064  # the LM's vocabulary (>= words + 2; llava-1.5 pads 32002 to 32064)
+    vision_feature_layer: int = -2  # llava-1.5's; -1 for a tower trained with the LM (vlmkit's tiny recipe)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -79,14 +82,14 @@ class Spec:
 # ------------------------------------------------------------------------------------------------ checkpoint
 
 
-def build_tokenizer() -> Any:
-    """A Llama-shaped word-level tokenizer: 32000 ids (<unk> <s> </s> first), then <image> 32000, <pad> 32001."""
+def build_tokenizer(size: int = 32000) -> Any:
+    """A Llama-shaped word-level tokenizer: ``size`` ids (<unk> <s> </s> first), then <image>, then <pad>."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = sorted({w for q in QUESTIONS + ["USER: ASSISTANT:"] for w in q.replace("?", " ? ").split()})
     vocab = ["<unk>", "<s>", "</s>", "?", ":", ".", ","] + [w for w in words if w not in "?:.,"]
-    vocab += [f"w{i}" for i in range(32000 - len(vocab))]
+    vocab += [f"w{i}" for i in range(size - len(vocab))]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -107,13 +110,14 @@ def build_checkpoint(directory: Path, spec: Spec) -> Path:
         LlavaProcessor,
     )
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(spec.words)
     vision = CLIPVisionConfig(**spec.vision)
-    text = LlamaConfig(vocab_size=32064, bos_token_id=1, eos_token_id=2, pad_token_id=32001, **spec.text)
+    text = LlamaConfig(vocab_size=spec.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=spec.words + 1,
+                       **spec.text)  # fmt: skip
     tokens = (vision.image_size // vision.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=tokens
-    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=spec.words, image_seq_length=tokens,
+                         vision_feature_layer=spec.vision_feature_layer,
+                         tie_word_embeddings=text.tie_word_embeddings)  # fmt: skip
     torch.manual_seed(0)
     with torch.device(spec.device):  # initialise where it runs: a 7B init on CPU takes minutes
         model = LlavaForConditionalGeneration(config).to(spec.torch_dtype)
@@ -202,11 +206,12 @@ def hf_inputs(vlm: Any, prompts: list[str], images: list[list[bytes]]) -> dict[s
 
 def hf_generate(hf: Any, inputs: dict[str, torch.Tensor], *, max_new_tokens: int) -> list[list[int]]:
     """Greedy ``generate``; new ids per row, cut at the first eos / pad (vlmkit's token_ids exclude eos)."""
+    pad = hf.config.text_config.pad_token_id
     with torch.inference_mode():
         out = hf.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2,
-                          pad_token_id=32001)  # fmt: skip
+                          pad_token_id=pad)  # fmt: skip
     rows = out[:, inputs["input_ids"].shape[1] :].tolist()
-    return [row[: next((i for i, t in enumerate(row) if t in (2, 32001)), len(row))] for row in rows]
+    return [row[: next((i for i, t in enumerate(row) if t in (2, pad)), len(row))] for row in rows]
 
 
 def vlm_generate(

@@ -198,3 +198,38 @@ def test_gpu_benchmark_dry_run(tmp_path) -> None:
         result["ratios"]
     )
     assert set(result["targets"]) == {"batch1_decode_tok_s", "repeated_image_ttft_ms", "encode_img_s_batch64"}
+
+
+@pytest.mark.parametrize("shape", [{}, {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True}])
+def test_lean_decode_step_is_bitwise_the_models_own(shape: dict[str, Any]) -> None:
+    """The CPU lean step (no padding, small Llama) gives exactly the logits of the model's forward, GQA and biases
+    included; padding, another architecture or a hooked layer keep the model's own path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlmkit.generation.forward import decode_step
+    from vlmkit.generation.lean_step import lean_decode_step, lean_step_model, plain_dynamic_cache
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, tie_word_embeddings=True, attn_implementation="sdpa", **shape)  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    embeds, mask = torch.randn(1, 9, 64), torch.ones(1, 9, dtype=torch.long)
+    model = lean_step_model(lm, attention_mask=mask)
+    assert model is lm and lean_step_model(lm, attention_mask=torch.tensor([[0] + [1] * 8])) is None
+    with torch.no_grad():
+        ours, theirs = new_cache(lm), new_cache(lm)
+        prefill(lm, inputs_embeds=embeds, attention_mask=mask, cache=ours)
+        logits = prefill(lm, inputs_embeds=embeds, attention_mask=mask, cache=theirs)
+        assert plain_dynamic_cache(ours, num_layers=2)
+        tokens, positions = logits.argmax(-1)[:, None], torch.tensor([[9]])
+        for _ in range(6):
+            mask = torch.cat((mask, mask.new_ones(1, 1)), dim=-1)
+            expected = decode_step(
+                lm, input_ids=tokens, attention_mask=mask, position_ids=positions, cache=theirs
+            )
+            got = lean_decode_step(model, input_ids=tokens, position_ids=positions, cache=ours)
+            assert torch.equal(got, expected)
+            tokens, positions = expected.argmax(-1)[:, None], positions + 1
+    handle = lm.model.layers[0].mlp.register_forward_hook(lambda *_: None)
+    assert lean_step_model(lm, attention_mask=mask) is None
+    handle.remove()

@@ -1,9 +1,11 @@
 """The model side of the decode loop: prefill once, then one token per step, over a dynamic or a static cache.
 
 ``DynamicRunner`` grows transformers' ``DynamicCache`` by concatenation (eager; the CPU default: on CPU the
-static/compiled path measured no faster, see docs/inference.md). ``StaticRunner`` writes into a pooled
-``StaticCache`` whose attention mask is preallocated at the full cache length, so every decode step has the same
-shapes and can run compiled. Both can start from a ``PromptKV`` (a reused prompt prefix, batch 1) and hand the
+static/compiled path measured no faster, see docs/inference.md); for a float32 Llama on CPU and a batch without
+padding its decode step is ``lean_step.py``'s op-for-op copy of the model's forward (bitwise equal logits, without
+the per-call overhead that dominates small models). ``StaticRunner`` writes into a pooled ``StaticCache`` whose
+attention mask is preallocated at the full cache length, so every decode step has the same shapes and can run
+compiled. Both can start from a ``PromptKV`` (a reused prompt prefix, batch 1) and hand the
 prompt's KV back after prefill for the prefix cache.
 """
 
@@ -23,6 +25,7 @@ from vlmkit.generation.kv_cache import (
     new_cache,
     snapshot_prompt,
 )
+from vlmkit.generation.lean_step import lean_decode_step, lean_step_model, plain_dynamic_cache
 from vlmkit.generation.static_cache import (
     DEFAULT_POOL,
     DecodeStep,
@@ -49,13 +52,26 @@ class DynamicRunner:
         self.mask = attention_mask
         self.prompt_length = attention_mask.shape[1]
         self.positions = attention_mask.long().sum(-1, keepdim=True)  # [batch, 1] next token's position
+        # small Llama on CPU without padding: the same ops as the model's forward without its per-call overhead
+        # (bitwise equal logits; see lean_step.py); the mask is then never needed again
+        self.lean = lean_step_model(lm, attention_mask=attention_mask)
 
     def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        return prefill(self.lm, inputs_embeds=inputs_embeds, attention_mask=self.mask, cache=self.cache,
-                       past_length=self.past_length)  # fmt: skip
+        logits = prefill(self.lm, inputs_embeds=inputs_embeds, attention_mask=self.mask, cache=self.cache,
+                         past_length=self.past_length)  # fmt: skip
+        if self.lean is not None and not plain_dynamic_cache(
+            self.cache, num_layers=len(self.lean.model.layers)
+        ):
+            self.lean = None  # the cache has its layers now: a sliding-window / quantised layer takes the model's path
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch] -> next logits [batch, vocab] float32."""
+        if self.lean is not None:
+            logits = lean_decode_step(self.lean, input_ids=tokens[:, None], position_ids=self.positions,
+                                      cache=self.cache)  # fmt: skip
+            self.positions = self.positions + 1
+            return logits
         self.mask = torch.cat((self.mask, self.mask.new_ones(self.mask.shape[0], 1)), dim=-1)
         logits = decode_step(self.lm, input_ids=tokens[:, None], attention_mask=self.mask,
                              position_ids=self.positions, cache=self.cache)  # fmt: skip
