@@ -140,25 +140,73 @@ def run_recipe(
     Budgets are the recipe's minutes (times ``minutes_scale``); ``stage1_steps`` / ``stage2_steps`` fix step
     counts instead, for runs that must not depend on the machine's speed (tests, exact reproduction).
     """
-    from vlmkit.training.recipes.vision_pretrain import build_triples, pretrain_vision
-
     start = time.perf_counter()
     torch.set_flush_denormal(True)  # denormals stall small conv/linear layers on CPU
     records = read_records(data)
     vlm = build_scratch_vlm(records, recipe=recipe, seed=seed)
-    processor = vlm.processor.image_processor
-    triples = build_triples(records, image_folder=image_folder, tokenizer=vlm.tokenizer, processor=processor,
-                            vocab=len(vlm.tokenizer))  # fmt: skip
-    log(f"stage 1: {len(triples.image_index)} question/answer pairs on {len(triples.images)} images")
-    s1 = recipe.stage1
-    stats = pretrain_vision(vision=vlm.model.vision, triples=triples, processor=processor,
-                            minutes=s1["minutes"] * minutes_scale, max_steps=stage1_steps, batch_size=s1["batch_size"], lr=s1["lr"],
-                            weight_decay=s1.get("weight_decay", 0.0), seed=seed, log=log)  # fmt: skip
-    result = _stage2(vlm=vlm, recipe=recipe, data=data, image_folder=image_folder, out=out, eval_data=eval_data,
-                     minutes=recipe.stage2["minutes"] * minutes_scale, steps=stage2_steps, seed=seed,
-                     progress=progress, log=log)  # fmt: skip
+    stats, skipped = _stage1(vlm=vlm, recipe=recipe, records=records, data=data, image_folder=image_folder,
+                             minutes=recipe.stage1["minutes"] * minutes_scale, steps=stage1_steps, seed=seed,
+                             log=log)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="vlmkit-packed-") as tmp:
+        train_data = _packed_data(
+            records=records, recipe=recipe, data=data, folder=Path(tmp), seed=seed, log=log
+        )
+        result = _stage2(vlm=vlm, recipe=recipe, data=train_data, image_folder=image_folder, out=out,
+                         eval_data=eval_data, minutes=recipe.stage2["minutes"] * minutes_scale,
+                         steps=stage2_steps, seed=seed, progress=progress, log=log)  # fmt: skip
     return RecipeResult(out=out, stage1=stats, stage2_steps=result.steps, stage2_loss=result.loss,
-                        seconds=time.perf_counter() - start, skipped=triples.skipped + len(result.skipped))  # fmt: skip
+                        seconds=time.perf_counter() - start, skipped=skipped + len(result.skipped))  # fmt: skip
+
+
+def _stage1(
+    *, vlm: Any, recipe: Recipe, records: list[Record], data: Path, image_folder: Path, minutes: float,
+    steps: int | None, seed: int, log: Callable[[str], None],
+) -> tuple[dict[str, float], int]:  # fmt: skip
+    """Teach the tower to see: from scene labels when the data has them (``objective`` "auto"/"scene"), else
+    from the question/answer pairs themselves ("answers")."""
+    from vlmkit.training.recipes import scene_pretrain, vision_pretrain
+
+    s1 = recipe.stage1
+    objective = s1.get("objective", "auto")
+    if objective not in ("auto", "scene", "answers"):
+        raise ValueError(f"recipe stage1.objective must be auto, scene or answers, got {objective!r}")
+    processor = vlm.processor.image_processor
+    options = dict(vision=vlm.model.vision, processor=processor, minutes=minutes, max_steps=steps,
+                   batch_size=s1["batch_size"], lr=s1["lr"], weight_decay=s1.get("weight_decay", 0.0), seed=seed,
+                   log=log)  # fmt: skip
+    scenes_file = scene_pretrain.find_scenes(data=data, image_folder=image_folder)
+    if objective == "scene" and scenes_file is None:
+        raise ValueError(f"stage1.objective 'scene' needs a scenes.jsonl in {image_folder} or next to {data}")
+    if objective != "answers" and scenes_file is not None:
+        from vlmkit.data.synth import load_scenes
+
+        labels = scene_pretrain.build_scene_labels(
+            scenes=load_scenes(scenes_file.parent), names=[n for r in records for n in r.images],
+            image_folder=image_folder, processor=processor, patch_size=vlm.model.vision.patch_size,
+        )  # fmt: skip
+        log(f"stage 1: dense scene labels for {len(labels.images)} images from {scenes_file}")
+        return scene_pretrain.pretrain_vision_on_scenes(labels=labels, **options), labels.skipped
+    triples = vision_pretrain.build_triples(records, image_folder=image_folder, tokenizer=vlm.tokenizer,
+                                            processor=processor, vocab=len(vlm.tokenizer))  # fmt: skip
+    log(f"stage 1: {len(triples.image_index)} question/answer pairs on {len(triples.images)} images")
+    return vision_pretrain.pretrain_vision(triples=triples, **options), triples.skipped
+
+
+def _packed_data(
+    *, records: list[Record], recipe: Recipe, data: Path, folder: Path, seed: int, log: Callable[[str], None]
+) -> Path:
+    """Stage 2's training file: questions about the same image(s) packed into multi-turn conversations."""
+    from vlmkit.data.packing import pack_by_image, write_records
+
+    turns = int(recipe.stage2.get("pack_turns", 8))
+    if turns <= 1:
+        return data
+    packed = pack_by_image(records, max_turns=turns, seed=seed)
+    if len(packed) == len(records):
+        return data  # one question per image: nothing to pack
+    log(f"stage 2: {len(records)} records packed into {len(packed)} conversations (up to {turns} turns)")
+    write_records(packed, folder / "packed.json")
+    return folder / "packed.json"
 
 
 def _stage2(
