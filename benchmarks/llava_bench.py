@@ -2,10 +2,14 @@
 (``VLM.from_pretrained``) and once by transformers (``LlavaForConditionalGeneration.from_pretrained``), and the
 measurements that compare them in the same process.
 
-Both sides get identical inputs: vlmkit's processor output (its preprocessing is bit-identical to
-CLIPImageProcessor) is handed to ``LlavaForConditionalGeneration.generate``, whose time excludes preprocessing;
-vlmkit's ``ask`` time includes it (image hashing, decoding, resizing, tokenizing), so ratios are conservative.
-Every timing is a median over repeats. Greedy token ids of both sides are compared and reported.
+Two transformers baselines. *Generate only (pixels given)*: vlmkit's processor output (its preprocessing is
+bit-identical to CLIPImageProcessor) is handed to ``LlavaForConditionalGeneration.generate``, whose time excludes
+preprocessing and detokenizing; vlmkit's ``ask`` time includes them (image hashing, decoding, resizing,
+tokenizing, decoding the answer), so those ratios are conservative. *End to end (processor + generate)*, where a
+caller passes the processor (``measure_single(..., processor=...)``): what ``ask`` does, from the same image
+bytes and prompt string to the answer string - PIL decode, chat template, transformers' own ``LlavaProcessor``
+(loaded from the same llava-hf directory), ``generate``, ``batch_decode``. Every timing is a median over repeats.
+Greedy token ids of both sides are compared and reported.
 
 Random weights: transformers' default init, with ``lm_head`` scaled up so the next-token distribution is peaked
 (greedy answers then do not hinge on float rounding, as with a trained model); timing is unaffected.
@@ -214,6 +218,34 @@ def hf_generate(hf: Any, inputs: dict[str, torch.Tensor], *, max_new_tokens: int
     return [row[: next((i for i, t in enumerate(row) if t in (2, pad)), len(row))] for row in rows]
 
 
+def load_hf_processor(directory: Path) -> Any:
+    """transformers' own processor of a llava-hf directory (``LlavaProcessor``: CLIPImageProcessor + tokenizer)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(directory)
+
+
+def hf_request_inputs(hf: Any, processor: Any, prompt: str, image: bytes) -> dict[str, torch.Tensor]:
+    """One request the transformers way: decode the image bytes (PIL), render llava-hf's chat template, run
+    ``LlavaProcessor``, move to the model's device (pixels in its dtype)."""
+    picture = Image.open(io.BytesIO(image)).convert("RGB")
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    batch = processor(images=[picture], text=[text], return_tensors="pt")
+    return {"input_ids": batch["input_ids"].to(hf.device), "attention_mask": batch["attention_mask"].to(hf.device),
+            "pixel_values": batch["pixel_values"].to(hf.device, hf.dtype)}  # fmt: skip
+
+
+def hf_ask(
+    hf: Any, processor: Any, prompt: str, image: bytes, *, max_new_tokens: int
+) -> tuple[str, list[int]]:
+    """transformers end to end, the counterpart of ``vlm.ask``: image bytes + prompt string -> (answer string,
+    its token ids): ``hf_request_inputs`` + greedy ``generate`` + ``batch_decode``."""
+    inputs = hf_request_inputs(hf, processor, prompt, image)
+    ids = hf_generate(hf, inputs, max_new_tokens=max_new_tokens)
+    return processor.batch_decode(ids, skip_special_tokens=True)[0], ids[0]
+
+
 def vlm_generate(
     vlm: Any, prompts: list[str], images: list[list[bytes]], *, max_new_tokens: int
 ) -> list[list[int]]:
@@ -238,14 +270,32 @@ def alternating(
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def measure_single(vlm: Any, hf: Any, spec: Spec, images: list[bytes]) -> dict[str, Any]:
+def measure_single(
+    vlm: Any, hf: Any, spec: Spec, images: list[bytes], *, processor: Any = None
+) -> dict[str, Any]:
     """Batch-1 ``ask``: time to first token and whole answers, cold (caches emptied first) and for a repeated
-    image (seen once before; every timed request asks a new question about it)."""
+    image (seen once before; every timed request asks a new question about it). transformers: ``generate`` on
+    ready-made tensors, and, given its ``processor``, also end to end (``hf_ask``: same bytes and prompt string
+    to the answer string)."""
     n, image, question = spec.max_new_tokens, images[0], QUESTIONS[0]
     inputs = hf_inputs(vlm, [question], [[image]])
-    same = vlm_generate(vlm, [question], [[image]], max_new_tokens=n) == hf_generate(
-        hf, inputs, max_new_tokens=n
-    )
+    reference = vlm_generate(vlm, [question], [[image]], max_new_tokens=n)
+    same = reference == hf_generate(hf, inputs, max_new_tokens=n)
+    end_to_end: dict[str, Any] = {}
+    if processor is not None:  # also the end-to-end path's warm-up
+        theirs = hf_request_inputs(hf, processor, question, image)
+        text, ids = hf_ask(hf, processor, question, image, max_new_tokens=n)
+        vlm.clear_caches()
+        end_to_end = {
+            "transformers_image_processor": type(processor.image_processor).__name__,
+            "same_tokens_end_to_end": [ids] == reference,
+            "same_text_end_to_end": text == vlm.ask(question, images=[image], max_new_tokens=n),
+            "end_to_end_inputs": {
+                "same_input_ids": torch.equal(theirs["input_ids"].cpu(), inputs["input_ids"].cpu()),
+                "pixel_values_max_abs_diff": float((theirs["pixel_values"].float()
+                                                    - inputs["pixel_values"].float()).abs().max()),
+            },
+        }  # fmt: skip
     follow_ups = iter(f"{q} ({i})" for i in range(10**6) for q in QUESTIONS[1:])
 
     def seen_before() -> None:
@@ -254,15 +304,18 @@ def measure_single(vlm: Any, hf: Any, spec: Spec, images: list[bytes]) -> dict[s
 
     out: dict[str, Any] = {}
     for label, tokens in (("ttft_s", 1), ("short_answer_s", spec.short_answer_tokens), ("answer_s", n)):
-        out[label] = alternating(
-            {
-                "vlmkit_cold": (lambda t=tokens: vlm.ask(question, images=[image], max_new_tokens=t), vlm.clear_caches),
-                "vlmkit_repeated_image": (lambda t=tokens: vlm.ask(next(follow_ups), images=[image], max_new_tokens=t),
-                                          seen_before),
-                "transformers": (lambda t=tokens: hf_generate(hf, inputs, max_new_tokens=t), None),
-            },
-            repeats=spec.repeats, device=spec.device,
-        )  # fmt: skip
+        runs = {
+            "vlmkit_cold": (lambda t=tokens: vlm.ask(question, images=[image], max_new_tokens=t), vlm.clear_caches),
+            "vlmkit_repeated_image": (lambda t=tokens: vlm.ask(next(follow_ups), images=[image], max_new_tokens=t),
+                                      seen_before),
+            "transformers": (lambda t=tokens: hf_generate(hf, inputs, max_new_tokens=t), None),
+        }  # fmt: skip
+        if processor is not None:
+            runs["transformers_end_to_end"] = (
+                lambda t=tokens: hf_ask(hf, processor, question, image, max_new_tokens=t),
+                None,
+            )
+        out[label] = alternating(runs, repeats=spec.repeats, device=spec.device)
     seen_before()
     follow = next(follow_ups)
     reused = vlm_generate(vlm, [follow], [[image]], max_new_tokens=n)
@@ -270,7 +323,7 @@ def measure_single(vlm: Any, hf: Any, spec: Spec, images: list[bytes]) -> dict[s
     out |= {"same_tokens_as_transformers": same, "same_tokens_with_prefix_reuse": reused == fresh,
             "tokens_generated": len(reused[0]), "prefix_cache": vlm.prefix_cache.stats(),
             "feature_cache": vlm.feature_cache.stats()}  # fmt: skip
-    return out
+    return out | end_to_end
 
 
 def decode_seconds(runs: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], *, repeats: int, device: str,
