@@ -172,8 +172,13 @@ def pickle_only_dir(model_dir, tmp_path) -> Path:
         ("beams with sampling", "num_beams"),
     ],
 )
-def test_user_errors_are_one_line(case, contains, model_dir, pictures, pickle_only_dir, tmp_path):
+def test_user_errors_are_one_line(
+    case, contains, model_dir, pictures, pickle_only_dir, tmp_path, monkeypatch
+):
     red, model = str(pictures["red"]), str(model_dir)
+    # an install without the bundled model (e.g. a trimmed wheel) must fail cleanly too
+    monkeypatch.setattr("vlmkit.api.DEFAULT_MODEL_DIR", tmp_path / "no-bundled-model")
+    monkeypatch.delenv("VLMKIT_MODEL", raising=False)
     args = {
         "missing image": ["ask", tmp_path / "nope.png", "-p", "hi", "-m", model],
         "corrupt image": ["ask", pictures["corrupt"], "-p", "hi", "-m", model],

@@ -47,7 +47,7 @@ ModelOption = Annotated[
         "--model",
         "-m",
         envvar="VLMKIT_MODEL",
-        help="A vlmkit model directory (default: the bundled model, not shipped yet).",
+        help="A model directory (default: the small model bundled with vlmkit, see README).",
         show_default=False,
     ),
 ]
