@@ -18,8 +18,6 @@ geometry as the pixels (synth_render.shape_geometry), so a label never disagrees
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from torch import nn
 from vlmkit.data.synth_render import draw_shape
 from vlmkit.data.synth_scene import BACKGROUNDS, COLOURS, GRID, KINDS, SIZES, DocumentScene, Scene, ShapeScene
 from vlmkit.processing.image import ImageLoadError, ImageProcessor, load_image
+from vlmkit.training.recipes.vision_pretrain import normalise, train_tower, uint8_pixels
 
 IGNORE = -100
 MAX_COUNT = 9
@@ -73,8 +72,6 @@ def build_scene_labels(
     patch_size: int, max_lines: int = 8, max_chars: int = 24,
 ) -> SceneLabels:  # fmt: skip
     """Load every image in ``names`` that has a scene and render its targets at the tower's patch grid."""
-    from vlmkit.training.recipes.vision_pretrain import _uint8_pixels
-
     size = processor.image_size
     grid = size // patch_size
     docs = [s for s in scenes.values() if isinstance(s, DocumentScene)]
@@ -86,7 +83,7 @@ def build_scene_labels(
         if scene is None:
             continue
         try:
-            pixels = _uint8_pixels(load_image(Path(image_folder) / name), processor=processor)
+            pixels = uint8_pixels(load_image(Path(image_folder) / name), processor=processor)
         except ImageLoadError:
             skipped += 1
             continue
@@ -207,38 +204,19 @@ def pretrain_vision_on_scenes(
     lines, chars = labels.text.shape[1:]
     heads = SceneHeads(dim=vision.hidden_size, tokens=labels.patches.shape[1], lines=lines, chars=chars,
                        charset=len(labels.charset))  # fmt: skip
-    params = list(vision.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     generator = torch.Generator().manual_seed(seed)
-    vision.train()
-    start, step, first, budget = time.perf_counter(), 0, math.nan, minutes * 60
-    while (elapsed := time.perf_counter() - start) < budget if max_steps is None else step < max_steps:
-        progress = elapsed / budget if max_steps is None else step / max_steps
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(labels.images), (batch_size,), generator=generator)
-        pixels = (labels.images[idx].float() / 255 - mean) / std
+        pixels = normalise(labels.images[idx], processor=processor)
         targets = {"patches": labels.patches[idx], "cells": labels.cells[idx], "count": labels.counts[idx],
                    "background": labels.backgrounds[idx], "text": labels.text[idx]}  # fmt: skip
-        loss = scene_loss(heads(vision(pixels)), targets)
-        warm = min(1.0, (step + 1) / 50)  # a short warmup: the reader's attention is unstable at full LR
-        for group in optimizer.param_groups:
-            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        first = loss.item() if step == 0 else first
-        step += 1
-        if step % 100 == 0:
-            log(f"stage 1 (scene labels): step {step}, loss {loss.item():.4f}, {elapsed:.0f}s")
-    vision.eval()
-    report = {
-        "steps": step,
-        "first_loss": first,
-        "last_loss": loss.item(),
-        "seconds": time.perf_counter() - start,
-    }
+        return scene_loss(heads(vision(pixels)), targets)
+
+    # a short warmup: the reader's attention is unstable at full LR
+    report = train_tower(vision=vision, heads=heads, batch_loss=batch_loss, minutes=minutes, max_steps=max_steps,
+                         lr=lr, weight_decay=weight_decay, log=log, label="stage 1 (scene labels)",
+                         warmup_steps=50)  # fmt: skip
     return report | scene_accuracy(vision=vision, heads=heads, labels=labels, processor=processor)
 
 
@@ -247,9 +225,7 @@ def scene_accuracy(
     *, vision: nn.Module, heads: SceneHeads, labels: SceneLabels, processor: ImageProcessor, limit: int = 512
 ) -> dict[str, float]:
     """Training-set accuracy of each head on the first ``limit`` images (a quick sanity figure for the log)."""
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
-    pixels = (labels.images[:limit].float() / 255 - mean) / std
+    pixels = normalise(labels.images[:limit], processor=processor)
     logits = heads(vision(pixels))
     targets = {"patches": labels.patches[:limit], "cells": labels.cells[:limit], "count": labels.counts[:limit],
                "background": labels.backgrounds[:limit], "text": labels.text[:limit]}  # fmt: skip

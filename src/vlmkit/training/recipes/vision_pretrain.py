@@ -82,7 +82,7 @@ def build_triples(
                 skipped += 1
                 continue
             seen[name] = len(images)
-            images.append(_uint8_pixels(picture, processor=processor))
+            images.append(uint8_pixels(picture, processor=processor))
         for question, answer in _turn_pairs(record.messages):
             rows.append((seen[name], _ids(tokenizer, question), _ids(tokenizer, answer)))
     return _pack(images=images, rows=rows, vocab=vocab, size=processor.image_size, skipped=skipped)
@@ -100,7 +100,14 @@ def _ids(tokenizer: object, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"][:64]  # type: ignore[operator]
 
 
-def _uint8_pixels(picture: object, *, processor: ImageProcessor) -> torch.Tensor:
+def normalise(images: torch.Tensor, *, processor: ImageProcessor) -> torch.Tensor:
+    """uint8 [n, 3, S, S] (as ``uint8_pixels`` stores them) -> the tower's float input, normalised."""
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def uint8_pixels(picture: object, *, processor: ImageProcessor) -> torch.Tensor:
     """The processor's geometry (resize/pad/crop) without normalisation, as uint8 [3, S, S]."""
     normalised = processor.preprocess_one(picture)  # [3, S, S]
     mean = torch.tensor(processor.image_mean)[:, None, None]
@@ -164,30 +171,42 @@ def pretrain_vision(
         raise ValueError("stage 1 needs single-image question/answer records; the data has none")
     torch.manual_seed(seed)
     probe = AnswerProbe(vision_dim=vision.hidden_size, vocab=triples.answers.shape[1])
-    params = [p for p in vision.parameters()] + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     generator = torch.Generator().manual_seed(seed)
+
+    def batch_loss() -> torch.Tensor:
+        idx = torch.randint(len(triples.image_index), (batch_size,), generator=generator)
+        pixels = normalise(triples.images[triples.image_index[idx]], processor=processor)
+        logits = probe(vision(pixels), triples.questions[idx], triples.question_mask[idx])
+        return answer_token_loss(logits, triples.answers[idx])
+
+    return train_tower(vision=vision, heads=probe, batch_loss=batch_loss, minutes=minutes, max_steps=max_steps,
+                       lr=lr, weight_decay=weight_decay, log=log, label="stage 1")  # fmt: skip
+
+
+def train_tower(
+    *, vision: nn.Module, heads: nn.Module, batch_loss: Callable[[], torch.Tensor], minutes: float,
+    max_steps: int | None, lr: float, weight_decay: float, log: Callable[[str], None], label: str,
+    warmup_steps: int = 0,
+) -> dict[str, float]:  # fmt: skip
+    """AdamW on tower + heads, clipped, cosine over ``max_steps`` when given, else over the wall-clock budget."""
+    params = list(vision.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     vision.train()
-    start, step, first = time.perf_counter(), 0, math.nan
-    budget = minutes * 60
+    start, step, first, budget = time.perf_counter(), 0, math.nan, minutes * 60
     while (elapsed := time.perf_counter() - start) < budget if max_steps is None else step < max_steps:
         progress = elapsed / budget if max_steps is None else step / max_steps
-        idx = torch.randint(len(triples.image_index), (batch_size,), generator=generator)
-        pixels = (triples.images[triples.image_index[idx]].float() / 255 - mean) / std
-        logits = probe(vision(pixels), triples.questions[idx], triples.question_mask[idx])
-        loss = answer_token_loss(logits, triples.answers[idx])
-        for group in optimizer.param_groups:  # cosine over the time budget
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        loss = batch_loss()
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         first = loss.item() if step == 0 else first
         step += 1
-        if step % 50 == 0:
-            log(f"stage 1: step {step}, loss {loss.item():.4f}, {elapsed:.0f}s")
+        if step % 100 == 0:
+            log(f"{label}: step {step}, loss {loss.item():.4f}, {elapsed:.0f}s")
     vision.eval()
     return {
         "steps": step,
