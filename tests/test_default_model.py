@@ -13,12 +13,6 @@ from vlmkit.data.synth import generate_dataset
 from vlmkit.evaluation.runner import evaluate
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-# measured on this slice when the model was shipped (README table), minus a margin for platform noise
-FLOORS = (
-    json.loads((DEFAULT_MODEL_DIR / "accuracy.json").read_text())["regression_floors"]
-    if (DEFAULT_MODEL_DIR / "accuracy.json").exists()
-    else {}
-)
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +50,18 @@ def test_cli_ask_without_model_uses_the_default(monkeypatch):
         app, ["ask", str(EXAMPLES / "vqa_size.png"), "-p", "Is the blue square small or large?"]
     )
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() in ("small", "large")
+    assert result.stdout.strip() == "small"  # the example's reference answer
 
 
 def test_held_out_accuracy_stays_at_the_shipped_level(default_vlm, held_out):
-    assert FLOORS, "accuracy.json with regression floors ships with the default model"
+    # measured on this slice when the model was shipped, minus a margin for platform noise
+    floors = json.loads((DEFAULT_MODEL_DIR / "accuracy.json").read_text())["regression_floors"]
+    assert set(floors) >= {"overall", "vqa_colour", "doc_date", "multi_change", "caption"}
     records = json.loads((held_out / "test.json").read_text())
     report = evaluate(default_vlm, records, image_folder=held_out, metric="exact_match", batch_size=64,
                       max_new_tokens=96)  # fmt: skip
     scores = {name: task.score for name, task in report.tasks.items()} | {"overall": report.score}
     below = {
-        name: (scores.get(name), floor) for name, floor in FLOORS.items() if (scores.get(name) or 0) < floor
+        name: (scores.get(name), floor) for name, floor in floors.items() if (scores.get(name) or 0) < floor
     }
     assert not below, f"held-out exact match fell below the shipped floors (score, floor): {below}"

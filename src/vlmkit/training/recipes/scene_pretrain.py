@@ -74,14 +74,13 @@ def build_scene_labels(
     """Load every image in ``names`` that has a scene and render its targets at the tower's patch grid."""
     size = processor.image_size
     grid = size // patch_size
-    docs = [s for s in scenes.values() if isinstance(s, DocumentScene)]
+    chosen = {name: scenes[name] for name in dict.fromkeys(names) if name in scenes}
+    # the characters of the training documents only: held-out scenes in the same file must not shape the heads
+    docs = [s for s in chosen.values() if isinstance(s, DocumentScene)]
     charset = "\0" + "".join(sorted({c for d in docs for line in d.lines() for c in line}))
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor]] = []
     skipped = 0
-    for name in dict.fromkeys(names):
-        scene = scenes.get(name)
-        if scene is None:
-            continue
+    for name, scene in chosen.items():
         try:
             pixels = uint8_pixels(load_image(Path(image_folder) / name), processor=processor)
         except ImageLoadError:
