@@ -46,3 +46,58 @@ def test_recipe_stage1_objective_errors(tmp_path, objective, message):
         run_recipe(recipe=recipe, data=data / "train.json", image_folder=data, out=tmp_path / "model",
                    stage1_steps=1, stage2_steps=1, progress=False)  # fmt: skip
     assert not (tmp_path / "model").exists()
+
+
+def test_recipe_stage1_segments_must_be_a_bool(tmp_path):
+    data = tmp_path / "data"
+    generate_dataset(data, n=30, seed=3, tasks=["vqa_colour"])
+    (data / "scenes.jsonl").unlink()
+    recipe = Recipe.load("tiny-scratch")
+    recipe.stage1["segments"] = "yes"
+    with pytest.raises(ValueError, match="stage1.segments must be true or false, got 'yes'"):
+        run_recipe(recipe=recipe, data=data / "train.json", image_folder=data, out=tmp_path / "model",
+                   stage1_steps=1, stage2_steps=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "model").exists()
+
+
+def test_user_data_benchmark_draws_valid_deterministic_llava_records(tmp_path):
+    """benchmarks/recipe_user_data.py's data: its own renderer, one shape per image, readable as LLaVA data."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    from vlmkit.data.dataset import read_records
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import recipe_user_data as bench
+
+    for out in (tmp_path / "a", tmp_path / "b"):
+        bench.make_dataset(out, train=12, test=4, seed=5)
+    digest = [hashlib.sha256((d / "images/train/000003.png").read_bytes()).digest() for d in (tmp_path / "a", tmp_path / "b")]  # fmt: skip
+    assert (
+        digest[0] == digest[1]
+        and (tmp_path / "a/train.json").read_text() == (tmp_path / "b/train.json").read_text()
+    )
+    records = read_records(tmp_path / "a" / "train.json")
+    assert len(records) == 12 and len(read_records(tmp_path / "a" / "test.json")) == 4
+    tasks = {r["id"]: r["task"] for r in json.loads((tmp_path / "a" / "train.json").read_text())}
+    for record in records:
+        answer = record.messages[1]["content"]
+        assert answer in (bench.COLOURS if tasks[record.id] == "colour" else bench.SHAPES)
+        assert record.images == (f"images/train/{int(record.id.split('-')[1]):06d}.png",)
+
+
+def test_stage2_budget_keeps_the_whole_run_within_the_recipe_minutes():
+    from vlmkit.training.recipes.tiny_scratch import _stage2_minutes
+
+    recipe = Recipe.load("tiny-scratch")
+    s1, s2 = recipe.stage1["minutes"], recipe.stage2["minutes"]
+    # stage 1 on time: stage 2 gets its share, minus the time kept back for calibration and saving
+    assert _stage2_minutes(recipe=recipe, scale=1.0, elapsed=s1 * 60) == pytest.approx(s2 - 0.25)
+    # a quick stage 1 (fixed steps) leaves stage 2 its own share, never more
+    assert _stage2_minutes(recipe=recipe, scale=1.0, elapsed=10.0) == s2
+    # a slow preparation (2 extra minutes) comes out of stage 2; --max-minutes scales both stages
+    assert _stage2_minutes(recipe=recipe, scale=1.5, elapsed=(s1 * 1.5 + 2) * 60) == pytest.approx(
+        s2 * 1.5 - 2.25
+    )
+    assert _stage2_minutes(recipe=recipe, scale=1.0, elapsed=10_000.0) == 0.5  # always a little stage 2

@@ -2,9 +2,11 @@
 
 1. A byte-level BPE tokenizer is trained on the data's text; a ViT tower, MLP projector and Llama LM are
    created from the recipe's sizes and composed through the normal ``VLM.build`` path.
-2. Stage 1 (``vision_pretrain``): the tower learns to see from a direct question-conditioned loss.
+2. Stage 1: the tower learns to see from a direct loss: dense scene labels when the data ships them
+   (``scene_pretrain``), else a question-conditioned answer probe plus per-patch statistics of flat-colour
+   regions computed from the pixels (``vision_pretrain``, ``segment_targets``).
 3. Stage 2: the tower is frozen (its features are cached) and projector + LM train on the conversations
-   with the regular trainer, under a cosine schedule sized to the time budget.
+   with the regular trainer, under a cosine schedule sized to what is left of the time budget.
 """
 
 from __future__ import annotations
@@ -151,11 +153,20 @@ def run_recipe(
         train_data = _packed_data(
             records=records, recipe=recipe, data=data, folder=Path(tmp), seed=seed, log=log
         )
+        minutes = _stage2_minutes(recipe=recipe, scale=minutes_scale, elapsed=time.perf_counter() - start)
         result = _stage2(vlm=vlm, recipe=recipe, data=train_data, image_folder=image_folder, out=out,
-                         eval_data=eval_data, minutes=recipe.stage2["minutes"] * minutes_scale,
-                         steps=stage2_steps, seed=seed, progress=progress, log=log)  # fmt: skip
+                         eval_data=eval_data, minutes=minutes, steps=stage2_steps, seed=seed, progress=progress,
+                         log=log)  # fmt: skip
     return RecipeResult(out=out, stage1=stats, stage2_steps=result.steps, stage2_loss=result.loss,
                         seconds=time.perf_counter() - start, skipped=skipped + len(result.skipped))  # fmt: skip
+
+
+def _stage2_minutes(*, recipe: Recipe, scale: float, elapsed: float) -> float:
+    """Stage 2's budget: its own share, cut so the whole run (data preparation and stage 1 included) stays
+    within both stages' minutes; 0.25 minutes are kept back for timing steps and saving."""
+    total = (recipe.stage1["minutes"] + recipe.stage2["minutes"]) * scale
+    left = total - elapsed / 60 - 0.25
+    return max(0.5, min(recipe.stage2["minutes"] * scale, left))
 
 
 def _stage1(
@@ -189,7 +200,10 @@ def _stage1(
     triples = vision_pretrain.build_triples(records, image_folder=image_folder, tokenizer=vlm.tokenizer,
                                             processor=processor, vocab=len(vlm.tokenizer))  # fmt: skip
     log(f"stage 1: {len(triples.image_index)} question/answer pairs on {len(triples.images)} images")
-    return vision_pretrain.pretrain_vision(triples=triples, **options), triples.skipped
+    segments = s1.get("segments", False)
+    if not isinstance(segments, bool):
+        raise ValueError(f"recipe stage1.segments must be true or false, got {segments!r}")
+    return vision_pretrain.pretrain_vision(triples=triples, segments=segments, **options), triples.skipped
 
 
 def _packed_data(

@@ -5,6 +5,7 @@ learns shapes in about a minute from a direct loss (shared/notes/from-scratch-fi
 only image-question-answer triples, so the direct loss here is generic: a small probe reads the tower's
 tokens with the question as the query and predicts which tokens the answer contains (a softmax bag of tokens over
 the tokenizer's vocabulary). Captions, short answers and rendered text all give dense targets this way.
+Optionally (``segments``) every patch token also regresses pixel-derived region statistics (``segment_targets``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from vlmkit.data.dataset import Record
 from vlmkit.processing.image import ImageLoadError, ImageProcessor, load_image
+from vlmkit.training.recipes import segment_targets
 
 
 @dataclass
@@ -161,26 +163,38 @@ def pretrain_vision(
     lr: float,
     weight_decay: float,
     seed: int,
+    segments: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, float]:
     """Train ``vision`` (a VisionEncoder) with the answer-token probe for ``minutes`` (or exactly ``max_steps``).
 
-    The cosine schedule runs over the step count when it is given, else over the wall-clock budget.
+    With ``segments`` a linear head on every patch token also regresses the statistics of the flat-colour
+    region under it (``segment_targets``): a dense signal computed from the pixels alone. The cosine schedule
+    runs over the step count when it is given, else over the wall-clock budget.
     """
     if len(triples.image_index) == 0:
         raise ValueError("stage 1 needs single-image question/answer records; the data has none")
     torch.manual_seed(seed)
     probe = AnswerProbe(vision_dim=vision.hidden_size, vocab=triples.answers.shape[1])
+    dense, targets = nn.Linear(vision.hidden_size, segment_targets.OUTPUTS), None
+    if segments:
+        start = time.perf_counter()
+        targets = segment_targets.segment_targets(triples.images, patch_size=vision.patch_size)
+        log(f"stage 1: segment targets for {len(targets)} images in {time.perf_counter() - start:.1f}s")
     generator = torch.Generator().manual_seed(seed)
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(triples.image_index), (batch_size,), generator=generator)
-        pixels = normalise(triples.images[triples.image_index[idx]], processor=processor)
-        logits = probe(vision(pixels), triples.questions[idx], triples.question_mask[idx])
-        return answer_token_loss(logits, triples.answers[idx])
+        image = triples.image_index[idx]
+        features = vision(normalise(triples.images[image], processor=processor))  # [batch, patches, dim]
+        logits = probe(features, triples.questions[idx], triples.question_mask[idx])
+        loss = answer_token_loss(logits, triples.answers[idx])
+        if targets is not None:
+            loss = loss + segment_targets.segment_loss(dense(features), targets, image)
+        return loss
 
-    return train_tower(vision=vision, heads=probe, batch_loss=batch_loss, minutes=minutes, max_steps=max_steps,
-                       lr=lr, weight_decay=weight_decay, log=log, label="stage 1")  # fmt: skip
+    return train_tower(vision=vision, heads=nn.ModuleList([probe, dense]), batch_loss=batch_loss, minutes=minutes,
+                       max_steps=max_steps, lr=lr, weight_decay=weight_decay, log=log, label="stage 1")  # fmt: skip
 
 
 def train_tower(

@@ -1,0 +1,174 @@
+"""Dense per-patch targets computed from pixels alone: statistics of flat-colour segments.
+
+Users' own data has no scene labels, and the question-conditioned answer probe alone gives a new tower one
+sparse signal per question, which stalls on binding questions ("What colour is the square?"). Simple images —
+shapes, diagrams, rendered text — are made of flat-colour regions, and a region's statistics say what it is:
+a square fills its bounding box (fill 1.0), a circle fills 0.79 of it, a triangle half. Every patch is told the
+statistics of the region it covers, so the tower learns shape, size and colour per patch, as the dense scene
+labels teach it, without any annotation. On photographs the regions are fragments and the targets carry little;
+the recipe's ``stage1.segments`` switches them off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+STATS = 7  # fill, aspect, size, offset y/x inside the region, region centre y/x
+FILL_EDGES = (0.4, 0.55, 0.65, 0.75, 0.85, 0.93)  # triangle ~0.5, circle ~0.79, square 1.0
+PALETTE = 16  # colour clusters
+CLASSES = 1 + PALETTE * (len(FILL_EDGES) + 1)  # background + colour cluster x fill bin
+OUTPUTS = 1 + STATS + 3 + CLASSES  # foreground logit, statistics, colour, joint class logits
+
+
+@dataclass
+class SegmentTargets:
+    foreground: torch.Tensor  # [images, patches] bool: a non-background region covers the patch
+    stats: torch.Tensor  # [images, patches, STATS] float
+    colour: torch.Tensor  # [images, patches, 3] the region's mean colour in [-1, 1]
+    # [images, patches] long: 0 background, else 1 + colour cluster x fill bin
+    classes: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.foreground.shape[0]
+
+
+def components(images: torch.Tensor, *, tolerance: int = 24, max_iterations: int = 256) -> torch.Tensor:
+    """4-connected regions of similar colour.  images uint8 [n, 3, S, S] -> labels [n, S, S] int64.
+
+    A region's label is the smallest flat pixel index in it. Neighbours join when no channel differs by more
+    than ``tolerance``, so anti-aliased or JPEG edges do not shatter a flat region. Min-label propagation with
+    pointer jumping: a handful of iterations for convex regions.
+    """
+    n, _, size, _ = images.shape
+    pixels = images.to(torch.int16)
+    right = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().amax(1) <= tolerance  # [n, S, S-1]
+    down = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().amax(1) <= tolerance  # [n, S-1, S]
+    labels = torch.arange(size * size).view(1, size, size).expand(n, size, size).clone()
+    never = size * size  # larger than any label: "no neighbour here"
+    for _ in range(max_iterations):
+        new = labels.clone()
+        new[..., :, :-1] = torch.minimum(new[..., :, :-1], labels[..., :, 1:].masked_fill(~right, never))
+        new[..., :, 1:] = torch.minimum(new[..., :, 1:], labels[..., :, :-1].masked_fill(~right, never))
+        new[..., :-1, :] = torch.minimum(new[..., :-1, :], labels[..., 1:, :].masked_fill(~down, never))
+        new[..., 1:, :] = torch.minimum(new[..., 1:, :], labels[..., :-1, :].masked_fill(~down, never))
+        flat = new.view(n, -1)
+        new = torch.minimum(flat, flat.gather(1, flat)).view(n, size, size)  # pointer jumping
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def segment_targets(images: torch.Tensor, *, patch_size: int, chunk: int = 512) -> SegmentTargets:
+    """Per-patch region statistics for uint8 images [n, 3, S, S] (computed ``chunk`` images at a time)."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % patch_size:
+        shape = tuple(images.shape)
+        raise ValueError(f"expected uint8 images [n, 3, S, S] with S a multiple of {patch_size}, got {shape}")
+    parts = [_chunk_targets(images[i : i + chunk], patch_size) for i in range(0, len(images), chunk)]
+    if not parts:
+        grid = (images.shape[-1] // patch_size) ** 2
+        empty = torch.zeros(0, grid, dtype=torch.bool)
+        return SegmentTargets(empty, torch.zeros(0, grid, STATS), torch.zeros(0, grid, 3), empty.long())
+    joined = (torch.cat([getattr(p, name) for p in parts]) for name in ("foreground", "stats", "colour"))
+    targets = SegmentTargets(*joined)
+    targets.classes = joint_classes(targets)
+    return targets
+
+
+def joint_classes(targets: SegmentTargets, *, seed: int = 0) -> torch.Tensor:
+    """Colour cluster x fill bin per foreground patch: a categorical label that binds colour to shape.
+
+    A class forces the tower to make "red square" and "red circle" linearly separable per patch, the form
+    an LM's attention can pick out; the colour clusters are k-means over the data's own region colours.
+    """
+    colours = targets.colour[targets.foreground]  # [m, 3]
+    if len(colours) == 0:
+        return torch.zeros(targets.foreground.shape, dtype=torch.long)
+    centres = kmeans(colours, k=PALETTE, seed=seed)
+    cluster = torch.cdist(targets.colour.flatten(0, 1), centres).argmin(-1).view(targets.foreground.shape)
+    fill = torch.bucketize(targets.stats[..., 0].contiguous(), torch.tensor(FILL_EDGES))
+    classes = 1 + cluster * (len(FILL_EDGES) + 1) + fill
+    return torch.where(targets.foreground, classes, 0)
+
+
+def kmeans(
+    points: torch.Tensor, *, k: int, seed: int, iterations: int = 20, sample: int = 20000
+) -> torch.Tensor:
+    """Plain Lloyd k-means on at most ``sample`` points -> [k, dim] centres (duplicates when fewer distinct)."""
+    generator = torch.Generator().manual_seed(seed)
+    if len(points) > sample:
+        points = points[torch.randperm(len(points), generator=generator)[:sample]]
+    centres = points[torch.randperm(len(points), generator=generator)[:k]]
+    if len(centres) < k:  # fewer points than clusters: duplicate centres, which argmin never prefers
+        centres = torch.cat([centres, centres[:1].expand(k - len(centres), -1)])
+    for _ in range(iterations):
+        assign = torch.cdist(points, centres).argmin(-1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=k).float()[:, None]
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+    return centres
+
+
+def _region_tables(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-label area, bounding box, centroid and mean colour, indexed by label ([n, S*S] each)."""
+    n, _, size, _ = images.shape
+    flat = labels.view(n, -1)
+    ones = torch.ones(n, size * size)
+    ys = torch.arange(size).repeat_interleave(size).float().expand(n, -1)
+    xs = torch.arange(size).repeat(size).float().expand(n, -1)
+
+    def reduce(values: torch.Tensor, how: str, start: float) -> torch.Tensor:
+        return torch.full((n, size * size), start).scatter_reduce(1, flat, values, how)
+
+    area = reduce(ones, "sum", 0.0)
+    tables = {
+        "area": area,
+        "ymin": reduce(ys, "amin", float(size)), "ymax": reduce(ys, "amax", -1.0),
+        "xmin": reduce(xs, "amin", float(size)), "xmax": reduce(xs, "amax", -1.0),
+        "cy": reduce(ys, "sum", 0.0) / area.clamp(min=1), "cx": reduce(xs, "sum", 0.0) / area.clamp(min=1),
+    }  # fmt: skip
+    for c in range(3):
+        tables[f"c{c}"] = reduce(images[:, c].reshape(n, -1).float(), "sum", 0.0) / area.clamp(min=1)
+    return tables
+
+
+def _chunk_targets(images: torch.Tensor, patch: int) -> SegmentTargets:
+    n, _, size, _ = images.shape
+    grid = size // patch
+    labels = components(images)
+    tables = _region_tables(images, labels)
+    background = tables["area"].argmax(1)  # the largest region
+    by_patch = labels.view(n, grid, patch, grid, patch).permute(0, 1, 3, 2, 4).reshape(n, grid * grid, -1)
+    # each patch takes the foreground region covering most of its pixels; background pixels get unique
+    # values above every label so they never form the mode unless the patch has no foreground at all
+    unique = size * size + torch.arange(patch * patch)
+    is_background = by_patch == background.view(n, 1, 1)
+    region = torch.where(is_background, unique, by_patch).mode(-1).values  # [n, G*G]
+    foreground = region < size * size
+    region = torch.where(foreground, region, background[:, None].expand(-1, grid * grid))
+
+    def at(name: str) -> torch.Tensor:
+        return tables[name].gather(1, region)
+
+    height, width = at("ymax") - at("ymin") + 1, at("xmax") - at("xmin") + 1
+    centre = torch.arange(grid).float() * patch + patch / 2
+    patch_y, patch_x = centre.repeat_interleave(grid), centre.repeat(grid)
+    stats = torch.stack([
+        at("area") / (height * width), torch.log(width / height), torch.log(at("area")) / 4,
+        (patch_y - at("cy")) / height, (patch_x - at("cx")) / width, at("cy") / size, at("cx") / size,
+    ], -1)  # fmt: skip
+    colour = torch.stack([at(f"c{c}") for c in range(3)], -1) / 127.5 - 1
+    return SegmentTargets(foreground, stats, colour)
+
+
+def segment_loss(outputs: torch.Tensor, targets: SegmentTargets, index: torch.Tensor) -> torch.Tensor:
+    """outputs [batch, patches, OUTPUTS] from a linear head on the tower's tokens; ``index`` picks the images."""
+    loss = F.binary_cross_entropy_with_logits(outputs[..., 0], targets.foreground[index].float())
+    loss = loss + 4 * F.mse_loss(outputs[..., 1 : 1 + STATS], targets.stats[index])
+    loss = loss + F.mse_loss(outputs[..., 1 + STATS : 4 + STATS], targets.colour[index])
+    if targets.classes is None:
+        return loss
+    return loss + F.cross_entropy(outputs[..., 4 + STATS :].flatten(0, 1), targets.classes[index].flatten())
