@@ -176,10 +176,11 @@ def pretrain_vision(
         raise ValueError("stage 1 needs single-image question/answer records; the data has none")
     torch.manual_seed(seed)
     probe = AnswerProbe(vision_dim=vision.hidden_size, vocab=triples.answers.shape[1])
-    dense, targets = nn.Linear(vision.hidden_size, segment_targets.OUTPUTS), None
+    heads, targets = nn.ModuleList([probe]), None
     if segments:
         start = time.perf_counter()
         targets = segment_targets.segment_targets(triples.images, patch_size=vision.patch_size)
+        heads.append(nn.Linear(vision.hidden_size, segment_targets.OUTPUTS))
         log(f"stage 1: segment targets for {len(targets)} images in {time.perf_counter() - start:.1f}s")
     generator = torch.Generator().manual_seed(seed)
 
@@ -190,10 +191,10 @@ def pretrain_vision(
         logits = probe(features, triples.questions[idx], triples.question_mask[idx])
         loss = answer_token_loss(logits, triples.answers[idx])
         if targets is not None:
-            loss = loss + segment_targets.segment_loss(dense(features), targets, image)
+            loss = loss + segment_targets.segment_loss(heads[1](features), targets, image)
         return loss
 
-    return train_tower(vision=vision, heads=nn.ModuleList([probe, dense]), batch_loss=batch_loss, minutes=minutes,
+    return train_tower(vision=vision, heads=heads, batch_loss=batch_loss, minutes=minutes,
                        max_steps=max_steps, lr=lr, weight_decay=weight_decay, log=log, label="stage 1")  # fmt: skip
 
 
