@@ -28,8 +28,7 @@ class SegmentTargets:
     foreground: torch.Tensor  # [images, patches] bool: a non-background region covers the patch
     stats: torch.Tensor  # [images, patches, STATS] float
     colour: torch.Tensor  # [images, patches, 3] the region's mean colour in [-1, 1]
-    # [images, patches] long: 0 background, else 1 + colour cluster x fill bin
-    classes: torch.Tensor | None = None
+    classes: torch.Tensor  # [images, patches] long: 0 background, else 1 + colour cluster x fill bin
 
     def __len__(self) -> int:
         return self.foreground.shape[0]
@@ -72,26 +71,26 @@ def segment_targets(images: torch.Tensor, *, patch_size: int, chunk: int = 512) 
         grid = (images.shape[-1] // patch_size) ** 2
         empty = torch.zeros(0, grid, dtype=torch.bool)
         return SegmentTargets(empty, torch.zeros(0, grid, STATS), torch.zeros(0, grid, 3), empty.long())
-    joined = (torch.cat([getattr(p, name) for p in parts]) for name in ("foreground", "stats", "colour"))
-    targets = SegmentTargets(*joined)
-    targets.classes = joint_classes(targets)
-    return targets
+    foreground, stats, colour = (torch.cat([p[i] for p in parts]) for i in range(3))
+    return SegmentTargets(
+        foreground, stats, colour, joint_classes(foreground=foreground, stats=stats, colour=colour)
+    )
 
 
-def joint_classes(targets: SegmentTargets, *, seed: int = 0) -> torch.Tensor:
+def joint_classes(
+    *, foreground: torch.Tensor, stats: torch.Tensor, colour: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
     """Colour cluster x fill bin per foreground patch: a categorical label that binds colour to shape.
 
     A class forces the tower to make "red square" and "red circle" linearly separable per patch, the form
     an LM's attention can pick out; the colour clusters are k-means over the data's own region colours.
     """
-    colours = targets.colour[targets.foreground]  # [m, 3]
-    if len(colours) == 0:
-        return torch.zeros(targets.foreground.shape, dtype=torch.long)
-    centres = kmeans(colours, k=PALETTE, seed=seed)
-    cluster = torch.cdist(targets.colour.flatten(0, 1), centres).argmin(-1).view(targets.foreground.shape)
-    fill = torch.bucketize(targets.stats[..., 0].contiguous(), torch.tensor(FILL_EDGES))
-    classes = 1 + cluster * (len(FILL_EDGES) + 1) + fill
-    return torch.where(targets.foreground, classes, 0)
+    if not foreground.any():
+        return torch.zeros(foreground.shape, dtype=torch.long)
+    centres = kmeans(colour[foreground], k=PALETTE, seed=seed)  # fitted on foreground colours only
+    cluster = torch.cdist(colour.flatten(0, 1), centres).argmin(-1).view(foreground.shape)
+    fill = torch.bucketize(stats[..., 0].contiguous(), torch.tensor(FILL_EDGES))
+    return torch.where(foreground, 1 + cluster * (len(FILL_EDGES) + 1) + fill, 0)
 
 
 def kmeans(
@@ -135,7 +134,8 @@ def _region_tables(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torc
     return tables
 
 
-def _chunk_targets(images: torch.Tensor, patch: int) -> SegmentTargets:
+def _chunk_targets(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(foreground, stats, colour) for one chunk; the joint classes need every chunk's colours."""
     n, _, size, _ = images.shape
     grid = size // patch
     labels = components(images)
@@ -161,7 +161,7 @@ def _chunk_targets(images: torch.Tensor, patch: int) -> SegmentTargets:
         (patch_y - at("cy")) / height, (patch_x - at("cx")) / width, at("cy") / size, at("cx") / size,
     ], -1)  # fmt: skip
     colour = torch.stack([at(f"c{c}") for c in range(3)], -1) / 127.5 - 1
-    return SegmentTargets(foreground, stats, colour)
+    return foreground, stats, colour
 
 
 def segment_loss(outputs: torch.Tensor, targets: SegmentTargets, index: torch.Tensor) -> torch.Tensor:
@@ -169,6 +169,4 @@ def segment_loss(outputs: torch.Tensor, targets: SegmentTargets, index: torch.Te
     loss = F.binary_cross_entropy_with_logits(outputs[..., 0], targets.foreground[index].float())
     loss = loss + 4 * F.mse_loss(outputs[..., 1 : 1 + STATS], targets.stats[index])
     loss = loss + F.mse_loss(outputs[..., 1 + STATS : 4 + STATS], targets.colour[index])
-    if targets.classes is None:
-        return loss
     return loss + F.cross_entropy(outputs[..., 4 + STATS :].flatten(0, 1), targets.classes[index].flatten())

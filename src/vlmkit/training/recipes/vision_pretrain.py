@@ -168,7 +168,7 @@ def pretrain_vision(
 ) -> dict[str, float]:
     """Train ``vision`` (a VisionEncoder) with the answer-token probe for ``minutes`` (or exactly ``max_steps``).
 
-    With ``segments`` a linear head on every patch token also regresses the statistics of the flat-colour
+    With ``segments`` a linear head on every patch token also predicts the statistics and class of the flat-colour
     region under it (``segment_targets``): a dense signal computed from the pixels alone. The cosine schedule
     runs over the step count when it is given, else over the wall-clock budget.
     """
