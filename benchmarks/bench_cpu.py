@@ -117,7 +117,7 @@ def decode_modes(vlm: Any, spec: lb.Spec, images: list[bytes]) -> dict[str, Any]
         ("static_eager", {"static_cache": True}),
         ("compiled", {"compile": True}),
     ):
-        vlm.set_decoding(**options)
+        vlm.set_decoding(speculative=0, **options)  # the step itself; speculation has its own section
         start = time.perf_counter()
         tokens = lb.vlm_generate(
             vlm, prompts, imgs, max_new_tokens=spec.max_new_tokens
@@ -138,16 +138,66 @@ def decode_modes(vlm: Any, spec: lb.Spec, images: list[bytes]) -> dict[str, Any]
 
 def decode_floor(vlm: Any, *, repeats: int = 20) -> dict[str, float]:
     """One token's unavoidable work: every LM weight matrix times one vector (the decode step is bound by
-    streaming these weights from memory), next to a whole eager decode step of the real model."""
+    streaming these weights from memory) with ``F.linear`` and with oneDNN (what vlmkit's lean step uses on models
+    this size), and the time to merely read those bytes once (``sum``): the memory-bandwidth floor."""
+    from vlmkit.generation.twins import onednn_available
+
     lm = vlm.model.language_model
     mats = [p for n, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in n]
     if lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
         mats.append(lm.get_output_embeddings().weight)
     vectors = {m.shape[1]: torch.randn(1, m.shape[1]) for m in mats}
+    out: dict[str, float] = {"weight_mbytes": sum(m.nbytes for m in mats) / 2**20}
     with torch.inference_mode():
         gemv = lb.timed(lambda: [torch.nn.functional.linear(vectors[m.shape[1]], m) for m in mats],
                         repeats=repeats, device="cpu")  # fmt: skip
-    return {"weights_gemv_ms": gemv * 1e3, "weight_mbytes": sum(m.nbytes for m in mats) / 2**20}
+        read = lb.timed(lambda: [m.sum() for m in mats], repeats=repeats, device="cpu")
+        out |= {"weights_gemv_ms": gemv * 1e3, "weights_read_ms": read * 1e3}
+        if onednn_available():
+            onednn = lb.timed(lambda: [torch.ops.mkldnn._linear_pointwise(vectors[m.shape[1]], m, None, "none", [], "")
+                                       for m in mats], repeats=repeats, device="cpu")  # fmt: skip
+            out["weights_onednn_gemv_ms"] = onednn * 1e3
+    return out
+
+
+def speculative_single(
+    vlm: Any, hf: Any, spec: lb.Spec, images: list[bytes], *, draft_tokens: int
+) -> dict[str, Any]:
+    """Batch-1 whole answers with and without speculative decoding (an int8 draft, ``draft_tokens`` per round),
+    cold and for a repeated image, all taking turns with transformers' ``generate`` (``single``'s baseline)."""
+    n, image, question = spec.max_new_tokens, images[0], lb.QUESTIONS[0]
+    inputs = lb.hf_inputs(vlm, [question], [[image]])
+    expected = lb.hf_generate(hf, inputs, max_new_tokens=n)
+    follow_ups = iter(f"{q} ({i})" for i in range(10**6) for q in lb.QUESTIONS[1:])
+    out: dict[str, Any] = {"draft_tokens": draft_tokens, "tokens_generated": len(expected[0])}
+    runs: dict[str, Any] = {"transformers": (lambda: lb.hf_generate(hf, inputs, max_new_tokens=n), None)}
+    for name, k in (("plain", 0), ("speculative", draft_tokens)):
+        vlm.set_decoding(speculative=k)
+        out[f"same_tokens_as_transformers_{name}"] = (
+            lb.vlm_generate(vlm, [question], [[image]], max_new_tokens=n) == expected
+        )
+
+        def cold(k: int = k) -> None:
+            vlm.set_decoding(speculative=k)
+            vlm.clear_caches()
+
+        def seen_before(k: int = k) -> None:
+            cold(k)
+            vlm.ask(question, images=[image], max_new_tokens=1)
+
+        runs[f"vlmkit_cold_{name}"] = (lambda: vlm.ask(question, images=[image], max_new_tokens=n), cold)
+        runs[f"vlmkit_repeated_image_{name}"] = (
+            lambda: vlm.ask(next(follow_ups), images=[image], max_new_tokens=n),
+            seen_before,
+        )
+    out["answer_s"] = lb.alternating(runs, repeats=spec.repeats, device="cpu")
+    seen_before()  # the speculative setting, the image seen once: a follow-up reuses the prompt's KV
+    follow = next(follow_ups)
+    reused = lb.vlm_generate(vlm, [follow], [[image]], max_new_tokens=n)
+    fresh = lb.hf_generate(hf, lb.hf_inputs(vlm, [follow], [[image]]), max_new_tokens=n)
+    out["same_tokens_with_prefix_reuse_speculative"] = reused == fresh
+    vlm.set_decoding()
+    return out
 
 
 def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
@@ -163,8 +213,10 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         batches = {str(b): lb.measure_batch(vlm, hf, spec, images, batch=b) for b in spec.batches}
         encode = lb.measure_encode(vlm, hf, spec, images)
         modes = None if skip_modes else decode_modes(vlm, spec, images)
+        speculative = speculative_single(vlm, hf, spec, images, draft_tokens=spec.speculative)
         floor = decode_floor(vlm)
     ttft, answer, short = single["ttft_s"], single["answer_s"], single["short_answer_s"]
+    spec_answer = speculative["answer_s"]
     ratios = {
         "ask_cold_over_transformers": answer["vlmkit_cold"] / answer["transformers"],
         "ask_repeated_image_over_transformers": answer["vlmkit_repeated_image"] / answer["transformers"],
@@ -176,6 +228,13 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         "cache_hit_over_encode": encode["hit_over_encode"],
         **{f"decode_batch{b}_over_transformers": batches[str(b)]["ratio"] for b in spec.batches},
         "encode_over_transformers": encode["ratio"],
+        # vlmkit's default decides per model; both settings, over the same transformers runs
+        "decode_choice": {
+            f"ask_{case}_{name}_over_transformers": spec_answer[f"vlmkit_{case}_{name}"]
+            / spec_answer["transformers"]
+            for case in ("cold", "repeated_image")
+            for name in ("plain", "speculative")
+        },
         # the same ask times over transformers end to end (processor + generate + batch_decode, same bytes/prompt)
         "ask_vs_transformers_end_to_end": {
             "ask_cold": answer["vlmkit_cold"] / answer["transformers_end_to_end"],
@@ -191,6 +250,8 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         "environment": lb.environment(spec),
         "model": lb.model_summary(vlm, hf, spec),
         "single": single,
+        "default_speculative_draft_tokens": vlm.decode_options.speculative,
+        "decode_choice": speculative,
         "decode_by_batch": batches,
         "encode": encode,
         "cpu_decode_modes": modes,
@@ -201,6 +262,9 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         },
         "same_tokens_as_transformers": single["same_tokens_as_transformers"]
         and single["same_tokens_with_prefix_reuse"]
+        and speculative["same_tokens_as_transformers_plain"]
+        and speculative["same_tokens_as_transformers_speculative"]
+        and speculative["same_tokens_with_prefix_reuse_speculative"]
         and all(b["same_tokens_as_transformers"] for b in batches.values()),
         "same_tokens_end_to_end": single["same_tokens_end_to_end"],
         "ratios": ratios,

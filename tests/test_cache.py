@@ -19,13 +19,7 @@ from vlmkit.processing.processor import Sample
 OFF = {"feature_cache_bytes": 0, "prefix_cache_bytes": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads spin-wait behind other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def twin(vlm: VLM, **options: Any) -> VLM:

@@ -26,13 +26,7 @@ PROMPTS = ("What colour is the circle?", "USER: Describe the image. ASSISTANT:",
 STATIC = DecodeOptions(static_cache=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads spin-wait behind other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from vlmkit.training.loop import TrainConfig, Trainer
 from vlmkit.training.plan import measure_peak_bytes, plan_memory, shape_from_configs, shape_from_dirs
 from vlmkit.training.stages import StageConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine OpenMP threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # transformers' Llava at LLaVA-1.5-7B shapes, H100, batch 8 x 701 tokens, bf16 weights and AdamW states

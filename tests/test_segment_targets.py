@@ -53,6 +53,34 @@ def test_fill_ratio_tells_squares_circles_and_triangles_apart():
     assert targets.stats.shape == (1, 64, STATS)
 
 
+def _polygon(corners: int, *, angle: float, radius: float = 20.0) -> torch.Tensor:
+    """One regular polygon (``corners`` 0: a circle) of the given radius at the centre of a 64 px image."""
+    image = Image.new("RGB", (64, 64), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    if corners == 0:
+        draw.ellipse((32 - radius, 32 - radius, 32 + radius, 32 + radius), fill=RED)
+    else:
+        turns = [angle + 2 * np.pi * i / corners for i in range(corners)]
+        draw.polygon([(32 + radius * np.cos(t), 32 + radius * np.sin(t)) for t in turns], fill=RED)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize(("corners", "expected"), [(3, 0.41), (4, 0.64), (6, 0.83), (0, 1.0)])
+def test_roundness_names_the_shape_at_any_rotation_where_fill_cannot(corners, expected):
+    angles = (0.0, 0.3, np.pi / 4, 1.1)
+    targets = segment_targets(torch.cat([_polygon(corners, angle=a) for a in angles]), patch_size=8)
+    centre = _patch(4, 4)
+    roundness = targets.stats[:, centre, 7]
+    assert targets.foreground[:, centre].all()
+    # pixelisation costs a few hundredths (the radius is measured to the farthest pixel's outer edge)
+    assert roundness.sub(expected).abs().max() < 0.08, roundness
+    assert roundness.max() - roundness.min() < 0.04  # rotation barely moves it ...
+    if corners == 4:  # ... while a square's fill of its bounding box halves when it turns 45 degrees
+        fill = targets.stats[:, centre, 0]
+        assert fill[2] > 0.95 and fill[0] < 0.6  # corners on the axes at angle 0: a diamond
+    assert targets.classes[:, centre].unique().numel() == 1  # one joint class at every rotation
+
+
 def test_foreground_and_colour_land_on_the_patches_a_shape_covers():
     targets = segment_targets(_scene(), patch_size=8)
     square = [_patch(r, c) for r in (1, 2) for c in (1, 2)]
@@ -83,7 +111,7 @@ def test_bad_image_shape_is_a_clear_error():
         segment_targets(torch.zeros(3, 64, 64, dtype=torch.uint8), patch_size=8)
 
 
-def test_joint_classes_bind_colour_to_fill():
+def test_joint_classes_bind_colour_to_shape():
     images = torch.cat([_scene(), _scene().flip(-1)])
     targets = segment_targets(images, patch_size=8)
     classes = targets.classes[0]

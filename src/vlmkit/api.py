@@ -108,6 +108,8 @@ class VLM:
     reused by later ones sharing a prefix (batch-1 requests; 0 = off); ``compile`` - ``torch.compile`` the decode
     step (``True`` or a dict of compile options), over a static cache; ``static_cache`` - a preallocated cache
     without compiling (``None``: from batch 16 on); ``sync_every`` - decode steps between host syncs (default: 1 on CPU, 8 on GPU);
+    ``speculative`` - draft tokens per round from an int8 copy of the LM, verified by the LM in one pass (greedy
+    batch-1 requests on a float32 Llama on CPU; 0 = off);
     ``encode_mode`` - ``"parallel"`` (all new images of a request through the encoder at once) or
     ``"sequential"`` (one at a time: lower peak memory).
     """
@@ -124,6 +126,7 @@ class VLM:
         compile: bool | dict[str, Any] = False,
         static_cache: bool | None = None,
         sync_every: int | None = None,
+        speculative: int = 0,
         encode_mode: str = "parallel",
     ) -> None:
         self.model = model.eval()
@@ -143,7 +146,9 @@ class VLM:
         self.enable_caches(feature_cache_bytes=feature_cache_bytes, feature_cache_dir=feature_cache_dir,
                            feature_cache_disk_bytes=feature_cache_disk_bytes,
                            prefix_cache_bytes=prefix_cache_bytes)  # fmt: skip
-        self.set_decoding(compile=compile, static_cache=static_cache, sync_every=sync_every)
+        self.set_decoding(
+            compile=compile, static_cache=static_cache, sync_every=sync_every, speculative=speculative
+        )
         self.set_encode_mode(encode_mode)
 
     # ----------------------------------------------------------------------------------- inference options
@@ -169,10 +174,14 @@ class VLM:
         compile: bool | dict[str, Any] = False,
         static_cache: bool | None = None,
         sync_every: int | None = None,
+        speculative: int = 0,
     ) -> VLM:
         """Choose how the decode loop runs (``compile`` implies a static cache). Returns self."""
         self.decode_options = DecodeOptions(
-            static_cache=bool(static_cache), compile=compile, sync_every=sync_every or 1
+            static_cache=bool(static_cache),
+            compile=compile,
+            sync_every=sync_every or 1,
+            speculative=speculative,
         )
         self._static_auto = static_cache is None
         self._sync_every = sync_every

@@ -22,6 +22,7 @@ from vlmkit.generation.forward import check_inputs
 from vlmkit.generation.kv_cache import PromptKV
 from vlmkit.generation.runner import DynamicRunner, make_runner
 from vlmkit.generation.sampling import make_generator, mark_seen, new_seen_mask, select_next_tokens
+from vlmkit.generation.speculative import speculative_steps
 from vlmkit.generation.stopping import (
     RowState,
     StopStrings,
@@ -29,6 +30,7 @@ from vlmkit.generation.stopping import (
     resolve_eos_token_ids,
     resolve_pad_token_id,
 )
+from vlmkit.generation.twins import int8_twin
 
 
 @torch.no_grad()
@@ -57,10 +59,29 @@ def _token_steps(
         logits = runner.prefill(inputs_embeds)
         if on_prefill is not None:
             on_prefill(runner.prompt_kv())
+        draft = _speculative_draft(runner, config=config, options=options, batch=batch)
+        if draft is not None:
+            yield from speculative_steps(runner.fast, draft, logits=logits, position=attention_mask.shape[1],
+                                         cache=runner.cache, max_new_tokens=config.max_new_tokens,
+                                         draft_tokens=options.speculative, eos_token_ids=eos_token_ids,
+                                         stops=stops)  # fmt: skip
+            return
         yield from _select_loop(runner, logits=logits, batch=batch, config=config, eos_token_ids=eos_token_ids,
                                 pad_token_id=pad_token_id, stops=stops, sync_every=options.sync_every)  # fmt: skip
     finally:
         runner.close()
+
+
+def _speculative_draft(
+    runner: DynamicRunner, *, config: GenerationConfig, options: DecodeOptions, batch: int
+) -> Any | None:
+    """The int8 draft when this request can decode speculatively (see ``DecodeOptions.speculative``), else None."""
+    lean = getattr(runner, "lean", None)  # a plain float32 Llama on CPU, unpadded, over a plain dynamic cache
+    if options.speculative == 0 or lean is None or batch != 1:
+        return None
+    if config.do_sample or config.repetition_penalty != 1:
+        return None
+    return int8_twin(lean)
 
 
 def _select_loop(

@@ -89,8 +89,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias)
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear``'s own call, minus the module call; a twin's layer (``twins.py``) runs its forward directly."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module.forward(x)  # twins carry no hooks: skip ``Module.__call__``
 
 
 def lean_decode_step(
@@ -103,30 +106,50 @@ def lean_decode_step(
     position_ids    # [batch, 1]
     returns         # [batch, vocab] float32, bitwise equal to ``decode_step(lm, ...)``
     """
+    hidden = lean_hidden(model, input_ids=input_ids, position_ids=position_ids, cache=cache)
+    return _linear(model.lm_head, hidden[:, -1]).to(torch.float32)
+
+
+def lean_hidden(
+    model: Any, *, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any
+) -> torch.Tensor:
+    """The final-norm hidden states of ``tokens`` new tokens per row on top of ``cache`` (extended in place).
+
+    input_ids       # [batch, tokens]
+    position_ids    # [batch, tokens]
+    returns         # [batch, tokens, dim]
+    With one token there is no mask (transformers passes none either); with more, each new token sees the
+    cache and the new tokens up to itself. No padding in either case (``lean_step_model`` checks it).
+    """
     base = model.model
-    batch = input_ids.shape[0]
-    x = F.embedding(input_ids, base.embed_tokens.weight, base.embed_tokens.padding_idx)  # [batch, 1, dim]
+    batch, tokens = input_ids.shape
+    embed = base.embed_tokens
+    x = F.embedding(input_ids, embed.weight, embed.padding_idx)  # [batch, tokens, dim]
     # LlamaRotaryEmbedding.forward: once per step, shared by every layer (attention_scaling is 1 for default RoPE)
     freqs = position_ids[..., None].float() * base.rotary_emb.inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [batch, 1, 1, head_dim]
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [batch, 1, tokens, head_dim]
+    mask = None
+    if tokens > 1:
+        cached = cache.layers[0].keys.shape[-2]
+        mask = torch.ones(tokens, cached + tokens, dtype=torch.bool).tril(diagonal=cached)  # [tokens, all]
     for index, layer in enumerate(base.layers):
         attn = layer.self_attn
         h = _rms_norm(layer.input_layernorm, x)
-        q = _linear(attn.q_proj, h).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-        k = _linear(attn.k_proj, h).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-        v = _linear(attn.v_proj, h).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+        q = _linear(attn.q_proj, h).view(batch, tokens, -1, attn.head_dim).transpose(1, 2)
+        k = _linear(attn.k_proj, h).view(batch, tokens, -1, attn.head_dim).transpose(1, 2)
+        v = _linear(attn.v_proj, h).view(batch, tokens, -1, attn.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kv = cache.layers[index]
         kv.keys = torch.cat([kv.keys, k], dim=-2)
         kv.values = torch.cat([kv.values, v], dim=-2)
-        # no mask (no padding) and one query: transformers' sdpa_attention_forward makes this very call
-        out = F.scaled_dot_product_attention(q, kv.keys, kv.values, dropout_p=0.0, scale=attn.scaling,
-                                             is_causal=False, enable_gqa=attn.num_key_value_groups > 1)  # fmt: skip
-        x = x + _linear(attn.o_proj, out.transpose(1, 2).reshape(batch, 1, -1))
+        # one query and no mask: the very call transformers' sdpa_attention_forward makes
+        out = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask, dropout_p=0.0,
+                                             scale=attn.scaling, is_causal=False,
+                                             enable_gqa=attn.num_key_value_groups > 1)  # fmt: skip
+        x = x + _linear(attn.o_proj, out.transpose(1, 2).reshape(batch, tokens, -1))
         mlp = layer.mlp
         h = _rms_norm(layer.post_attention_layernorm, x)
         x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
-    x = _rms_norm(base.norm, x)
-    return _linear(model.lm_head, x[:, -1]).to(torch.float32)
+    return _rms_norm(base.norm, x)

@@ -3,7 +3,8 @@
 ``DynamicRunner`` grows transformers' ``DynamicCache`` by concatenation (eager; the CPU default: on CPU the
 static/compiled path measured no faster, see docs/inference.md); for a float32 Llama on CPU and a batch without
 padding its decode step is ``lean_step.py``'s op-for-op copy of the model's forward (bitwise equal logits, without
-the per-call overhead that dominates small models). ``StaticRunner`` writes into a pooled ``StaticCache`` whose
+the per-call overhead that dominates small models); on models too big for the CPU caches it multiplies through
+oneDNN (``twins.py``: the same float32 maths, streamed faster). ``StaticRunner`` writes into a pooled ``StaticCache`` whose
 attention mask is preallocated at the full cache length, so every decode step has the same shapes and can run
 compiled. Both can start from a ``PromptKV`` (a reused prompt prefix, batch 1) and hand the
 prompt's KV back after prefill for the prefix cache.
@@ -35,6 +36,7 @@ from vlmkit.generation.static_cache import (
     forward_logits,
     static_cache_supported,
 )
+from vlmkit.generation.twins import onednn_twin
 
 
 class DynamicRunner:
@@ -55,6 +57,8 @@ class DynamicRunner:
         # small Llama on CPU without padding: the same ops as the model's forward without its per-call overhead
         # (bitwise equal logits; see lean_step.py); the mask is then never needed again
         self.lean = lean_step_model(lm, attention_mask=attention_mask)
+        # a bandwidth-bound step streams every weight once: oneDNN streams them faster (see twins.py)
+        self.fast = self.lean and (onednn_twin(self.lean) or self.lean)
 
     def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         logits = prefill(self.lm, inputs_embeds=inputs_embeds, attention_mask=self.mask, cache=self.cache,
@@ -62,13 +66,14 @@ class DynamicRunner:
         if self.lean is not None and not plain_dynamic_cache(
             self.cache, num_layers=len(self.lean.model.layers)
         ):
-            self.lean = None  # the cache has its layers now: a sliding-window / quantised layer takes the model's path
+            # the cache has its layers now: a sliding-window / quantised layer takes the model's path
+            self.lean = self.fast = None
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch] -> next logits [batch, vocab] float32."""
         if self.lean is not None:
-            logits = lean_decode_step(self.lean, input_ids=tokens[:, None], position_ids=self.positions,
+            logits = lean_decode_step(self.fast, input_ids=tokens[:, None], position_ids=self.positions,
                                       cache=self.cache)  # fmt: skip
             self.positions = self.positions + 1
             return logits

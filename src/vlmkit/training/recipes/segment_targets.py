@@ -3,8 +3,10 @@
 Users' own data has no scene labels, and the question-conditioned answer probe alone gives a new tower one
 sparse signal per question, which stalls on binding questions ("What colour is the square?"). Simple images —
 shapes, diagrams, rendered text — are made of flat-colour regions, and a region's statistics say what it is:
-a square fills its bounding box (fill 1.0), a circle fills 0.79 of it, a triangle half. Every patch is told the
-statistics of the region it covers, so the tower learns shape, size and colour per patch, as the dense scene
+a square fills its bounding box (fill 1.0), a circle fills 0.79 of it, a triangle half. Fill changes when a
+shape turns (a square at 45 degrees fills half its box), so each region also gets its roundness, the area over
+the circle through its farthest pixel: rotation-invariant, 0.41 for a triangle, 0.64 a square, 0.83 a hexagon,
+1.0 a circle (pixelised a few hundredths lower). Every patch is told the statistics of the region it covers, so the tower learns shape, size and colour per patch, as the dense scene
 labels teach it, without any annotation. On photographs the regions are fragments and the targets carry little;
 the recipe's ``stage1.segments`` switches them off.
 """
@@ -16,10 +18,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-STATS = 7  # fill, aspect, size, offset y/x inside the region, region centre y/x
-FILL_EDGES = (0.4, 0.55, 0.65, 0.75, 0.85, 0.93)  # triangle ~0.5, circle ~0.79, square 1.0
+STATS = 8  # fill, aspect, size, offset y/x inside the region, region centre y/x, roundness
+# shape bins of the joint class: roundness between regular polygons' values (triangle 0.41, square 0.64,
+# pentagon 0.76, hexagon 0.83, circle 1.0; below 0.3 thin or star-like), then fill below a triangle's minimum
+# (0.5 of its bounding box at any rotation: stars, crosses, rings) or not
+ROUND_EDGES = (0.3, 0.52, 0.7, 0.86)
+FILL_EDGE = 0.46
+SHAPE_BINS = 2 * (len(ROUND_EDGES) + 1)
 PALETTE = 16  # colour clusters
-CLASSES = 1 + PALETTE * (len(FILL_EDGES) + 1)  # background + colour cluster x fill bin
+CLASSES = 1 + PALETTE * SHAPE_BINS  # background + colour cluster x shape bin
 OUTPUTS = 1 + STATS + 3 + CLASSES  # foreground logit, statistics, colour, joint class logits
 
 
@@ -80,7 +87,7 @@ def segment_targets(images: torch.Tensor, *, patch_size: int, chunk: int = 512) 
 def joint_classes(
     *, foreground: torch.Tensor, stats: torch.Tensor, colour: torch.Tensor, seed: int = 0
 ) -> torch.Tensor:
-    """Colour cluster x fill bin per foreground patch: a categorical label that binds colour to shape.
+    """Colour cluster x shape bin (roundness, fill) per foreground patch: a label that binds colour to shape.
 
     A class forces the tower to make "red square" and "red circle" linearly separable per patch, the form
     an LM's attention can pick out; the colour clusters are k-means over the data's own region colours.
@@ -89,8 +96,9 @@ def joint_classes(
         return torch.zeros(foreground.shape, dtype=torch.long)
     centres = kmeans(colour[foreground], k=PALETTE, seed=seed)  # fitted on foreground colours only
     cluster = torch.cdist(colour.flatten(0, 1), centres).argmin(-1).view(foreground.shape)
-    fill = torch.bucketize(stats[..., 0].contiguous(), torch.tensor(FILL_EDGES))
-    return torch.where(foreground, 1 + cluster * (len(FILL_EDGES) + 1) + fill, 0)
+    roundness = torch.bucketize(stats[..., 7].contiguous(), torch.tensor(ROUND_EDGES))
+    shape = 2 * roundness + (stats[..., 0] >= FILL_EDGE).long()
+    return torch.where(foreground, 1 + cluster * SHAPE_BINS + shape, 0)
 
 
 def kmeans(
@@ -131,6 +139,10 @@ def _region_tables(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torc
     }  # fmt: skip
     for c in range(3):
         tables[f"c{c}"] = reduce(images[:, c].reshape(n, -1).float(), "sum", 0.0) / area.clamp(min=1)
+    # roundness: area over the circle (centred on the centroid) through the farthest pixel's outer edge
+    far = (ys - tables["cy"].gather(1, flat)) ** 2 + (xs - tables["cx"].gather(1, flat)) ** 2
+    radius = reduce(far, "amax", 0.0).sqrt() + 0.5
+    tables["round"] = area / (torch.pi * radius**2)
     return tables
 
 
@@ -159,6 +171,7 @@ def _chunk_targets(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torc
     stats = torch.stack([
         at("area") / (height * width), torch.log(width / height), torch.log(at("area")) / 4,
         (patch_y - at("cy")) / height, (patch_x - at("cx")) / width, at("cy") / size, at("cx") / size,
+        at("round"),
     ], -1)  # fmt: skip
     colour = torch.stack([at(f"c{c}") for c in range(3)], -1) / 127.5 - 1
     return foreground, stats, colour

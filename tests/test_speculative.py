@@ -1,0 +1,170 @@
+"""Speculative greedy decoding: an int8 draft proposes, the float32 LM verifies; the answer never changes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from tiny import left_padded_embeds as embed
+from tiny import save_tokenizer
+from vlmkit.generation import DecodeOptions, GenerationConfig, decode, generate, speculative, stream
+from vlmkit.generation.kv_cache import cache_kwarg, new_cache
+from vlmkit.generation.lean_step import lean_hidden
+from vlmkit.generation.speculative import speculative_round
+
+SPECULATIVE = DecodeOptions(speculative=4)
+PROMPTS = ("What colour is the circle?", "USER: Describe the image. ASSISTANT:", "yes")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """A small Llama (GQA) with sharpened weights, so greedy answers wander over the vocabulary and drafts get
+    rejected as well as accepted, and exact ties between candidates are unlikely."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=420, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=3, attn_implementation="sdpa")  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for weight in lm.parameters():
+            if weight.dim() == 2:
+                weight.mul_(4.0)
+    directory = save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return lm, AutoTokenizer.from_pretrained(directory)
+
+
+def _generate(model: tuple[Any, Any], prompt: str, options: DecodeOptions | None, **kwargs: Any) -> Any:
+    lm, tokenizer = model
+    embeds, mask = embed(lm, tokenizer, [prompt])
+    eos = kwargs.pop("eos", [])
+    config = GenerationConfig.from_kwargs(**{"max_new_tokens": 24, **kwargs})
+    return generate(lm, inputs_embeds=embeds, attention_mask=mask, tokenizer=tokenizer, config=config,
+                    eos_token_ids=eos, options=options)  # fmt: skip
+
+
+def _noisy(lm: Any) -> Any:
+    """A worse draft than int8: the model with noise on every matrix, so it is often wrong."""
+    draft = copy.deepcopy(lm)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for weight in draft.parameters():
+            if weight.dim() == 2:
+                weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * 0.3)
+    return draft
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize(("draft_tokens", "which"), [(1, "int8"), (3, "int8"), (7, "int8"), (3, "noisy")])
+def test_speculative_greedy_equals_plain_greedy(
+    llama, prompt: str, draft_tokens: int, which: str, monkeypatch
+):
+    rounds: list[tuple[int, int]] = []  # (proposals, tokens decided) per round
+
+    def counted(*args: Any, **kwargs: Any) -> list[int]:
+        decided = speculative_round(*args, **kwargs)
+        rounds.append((kwargs["count"], len(decided)))
+        return decided
+
+    monkeypatch.setattr(speculative, "speculative_round", counted)
+    if which == "noisy":
+        monkeypatch.setattr(decode, "int8_twin", _noisy)
+    plain = _generate(llama, prompt, None)
+    assert _generate(llama, prompt, DecodeOptions(speculative=draft_tokens)) == plain
+    # the speculative loop really ran and decided every token after the prefill's
+    assert rounds and sum(decided for _, decided in rounds) == len(plain.token_ids[0]) - 1
+    accepted = sum(decided - 1 for _, decided in rounds)
+    proposed = sum(count for count, _ in rounds)
+    if which == "int8":
+        assert accepted >= 0.7 * proposed, rounds  # int8 weights rarely change the argmax
+    else:
+        assert 0 < accepted < proposed, rounds  # accepted and rejected proposals both occur
+
+
+def test_eos_stop_strings_and_length_end_where_plain_decoding_ends(llama) -> None:
+    plain = _generate(llama, PROMPTS[1], None, max_new_tokens=30)
+    tokens = plain.token_ids[0]
+    eos = tokens[9]  # a token the answer reaches mid-way: both loops must stop right before its first use
+    for kwargs in (
+        {"eos": [eos]},
+        {"max_new_tokens": 5},
+        {"max_new_tokens": 1},
+        {"stop": plain.texts[0][4:7]},
+    ):
+        expected = _generate(llama, PROMPTS[1], None, **{"max_new_tokens": 30, **kwargs})
+        assert _generate(llama, PROMPTS[1], SPECULATIVE, **{"max_new_tokens": 30, **kwargs}) == expected
+    lm, tokenizer = llama
+    embeds, mask = embed(lm, tokenizer, [PROMPTS[1]])
+    config = GenerationConfig(max_new_tokens=30)
+    text = "".join(stream(lm, inputs_embeds=embeds, attention_mask=mask, tokenizer=tokenizer, config=config,
+                          eos_token_ids=[], options=SPECULATIVE))  # fmt: skip
+    assert text == plain.texts[0]
+
+
+def test_sampling_penalties_and_batches_decode_as_usual(llama) -> None:
+    for kwargs in ({"temperature": 0.8, "seed": 5}, {"repetition_penalty": 1.4}):
+        assert _generate(llama, PROMPTS[0], SPECULATIVE, **kwargs) == _generate(
+            llama, PROMPTS[0], None, **kwargs
+        )
+    lm, tokenizer = llama
+    embeds, mask = embed(lm, tokenizer, PROMPTS)
+    config = GenerationConfig(max_new_tokens=12)
+    run = dict(
+        inputs_embeds=embeds, attention_mask=mask, tokenizer=tokenizer, config=config, eos_token_ids=[]
+    )
+    assert generate(lm, **run, options=SPECULATIVE) == generate(lm, **run)
+
+
+def _prefilled(lm: Any, tokenizer: Any) -> tuple[Any, int, int]:
+    embeds, mask = embed(lm, tokenizer, [PROMPTS[0]])
+    cache = new_cache(lm)
+    with torch.no_grad():
+        logits = lm(inputs_embeds=embeds, use_cache=True, **{cache_kwarg(lm): cache}).logits[:, -1]
+    return cache, int(logits.argmax()), mask.shape[1]
+
+
+@torch.no_grad()
+def test_one_pass_over_several_tokens_equals_one_token_at_a_time(llama) -> None:
+    """The verification pass (causal mask over the new tokens, on top of the cache) is the decode step's maths."""
+    lm, tokenizer = llama
+    cache_a, token, length = _prefilled(lm, tokenizer)
+    cache_b = copy.deepcopy(cache_a)
+    ids = torch.tensor([[token, 5, 77, 31]])
+    together = lean_hidden(
+        lm, input_ids=ids, position_ids=torch.arange(length, length + 4)[None], cache=cache_a
+    )
+    apart = torch.cat([
+        lean_hidden(lm, input_ids=ids[:, i : i + 1], position_ids=torch.tensor([[length + i]]), cache=cache_b)
+        for i in range(4)
+    ], 1)  # fmt: skip
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache_a.layers[1].keys, cache_b.layers[1].keys, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_rounds_accept_what_the_model_agrees_with_and_crop_the_rest(llama) -> None:
+    lm, tokenizer = llama
+    cache, token, length = _prefilled(lm, tokenizer)
+    # the model as its own draft: every proposal is accepted, plus the model's bonus token
+    decided = speculative_round(lm, lm, token=token, position=length, cache=cache, count=4)
+    assert len(decided) == 5 and cache.layers[0].keys.shape[-2] == length + 5
+    # a draft that always proposes the least likely token: nothing accepted, the model's own token decided
+    contrary = copy.deepcopy(lm)
+    contrary.lm_head.weight.neg_()
+    decided2 = speculative_round(lm, contrary, token=decided[-1], position=length + 5, cache=cache, count=4)
+    assert len(decided2) == 1 and cache.layers[0].keys.shape[-2] == length + 6
+    plain = _generate(llama, PROMPTS[0], None, max_new_tokens=7).token_ids[0]
+    assert [token, *decided, *decided2] == plain
+
+
+def test_decode_options_check_speculative() -> None:
+    for bad in (-1, 17, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="speculative"):
+            DecodeOptions(speculative=bad)  # type: ignore[arg-type]
+    assert DecodeOptions(speculative=0).speculative == 0

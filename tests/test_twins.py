@@ -1,0 +1,110 @@
+"""Twins of a float32 Llama for CPU decoding: oneDNN matmuls (same maths) and int8 weights (the draft)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vlmkit.generation import DecodeOptions, GenerationConfig, generate, runner, twins
+from vlmkit.generation.kv_cache import cache_kwarg, new_cache
+from vlmkit.generation.lean_step import lean_hidden
+from vlmkit.generation.twins import OneDnnLinear, int8_twin, onednn_available, onednn_twin
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+@pytest.fixture
+def lm() -> Any:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(4.0)  # sharper logits, as a trained model has
+    return model
+
+
+class _Tokenizer:
+    """Just what ``generate`` needs from a tokenizer when eos ids are given and there are no stop strings."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return " ".join(map(str, ids))
+
+
+def _greedy(lm: Any, *, seed: int, options: DecodeOptions | None = None) -> list[int]:
+    embeds = torch.randn(1, 11, 64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        result = generate(lm, inputs_embeds=embeds, attention_mask=torch.ones(1, 11, dtype=torch.long),
+                          tokenizer=_Tokenizer(), config=GenerationConfig(max_new_tokens=20), eos_token_ids=[],
+                          options=options)  # fmt: skip
+    return result.token_ids[0]
+
+
+@pytest.fixture
+def any_size(monkeypatch) -> None:
+    """Twin models of any size (the tests' model is far below ``ONEDNN_MIN_BYTES``)."""
+    monkeypatch.setattr(twins, "ONEDNN_MIN_BYTES", 0)
+
+
+@needs_onednn
+def test_onednn_twin_shares_weights_and_leaves_the_model_alone(lm, any_size) -> None:
+    twin = onednn_twin(lm)
+    assert twin is not None and onednn_twin(lm) is twin  # cached
+    assert type(twin.model.layers[0].mlp.up_proj) is OneDnnLinear and type(twin.lm_head) is OneDnnLinear
+    assert twin.model.layers[0].mlp.up_proj.weight is lm.model.layers[0].mlp.up_proj.weight
+    assert type(lm.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    with torch.no_grad():
+        lm.model.layers[1].self_attn.q_proj.weight.mul_(0.5)  # an in-place update: a fresh twin
+    assert onednn_twin(lm) is not twin
+
+
+@needs_onednn
+@torch.no_grad()
+def test_onednn_decode_step_is_the_models_maths(lm, any_size) -> None:
+    twin = onednn_twin(lm)
+    embeds = torch.randn(1, 9, 64)
+    caches = new_cache(lm), new_cache(lm)
+    for cache in caches:
+        lm(inputs_embeds=embeds, use_cache=True, **{cache_kwarg(lm): cache})
+    length = 9
+    for ids in (torch.tensor([[7]]), torch.tensor([[7, 31, 5]])):  # a decode step, a verification pass
+        positions = torch.arange(length, length + ids.shape[1])[None]
+        length += ids.shape[1]
+        ours = lean_hidden(twin, input_ids=ids, position_ids=positions, cache=caches[0])
+        theirs = lean_hidden(lm, input_ids=ids, position_ids=positions, cache=caches[1])
+        torch.testing.assert_close(twin.lm_head(ours), lm.lm_head(theirs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0].layers[1].keys, caches[1].layers[1].keys, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_greedy_answers_are_the_same_with_and_without_onednn(lm, any_size, monkeypatch) -> None:
+    fast = [_greedy(lm, seed=seed) for seed in range(4)]
+    assert onednn_twin(lm) is not None
+    monkeypatch.setattr(runner, "onednn_twin", lambda model: None)
+    assert [_greedy(lm, seed=seed) for seed in range(4)] == fast
+    assert len({tuple(answer) for answer in fast}) == 4  # four different answers, not one repeated token
+
+
+def test_small_models_keep_f_linear(lm) -> None:
+    assert onednn_twin(lm) is None  # 0.3 MB of matrices: framework overhead, not bandwidth, bounds its step
+    assert _greedy(lm, seed=0)
+
+
+def test_int8_twin_is_cached_shares_weights_and_leaves_the_model_alone(lm) -> None:
+    draft = int8_twin(lm)
+    assert draft is not None and int8_twin(lm) is draft
+    assert draft.model.embed_tokens.weight is lm.model.embed_tokens.weight  # shared, not copied
+    assert type(lm.model.layers[0].mlp.up_proj) is torch.nn.Linear  # the model keeps its float32 layers
+    assert type(draft.model.layers[0].mlp.up_proj) is not torch.nn.Linear
+    with torch.no_grad():
+        lm.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+    assert int8_twin(lm) is not draft
+    assert _greedy(lm, seed=1, options=DecodeOptions(speculative=3)) == _greedy(lm, seed=1)
