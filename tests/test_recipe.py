@@ -61,6 +61,26 @@ def test_recipe_stage1_segments_must_be_a_bool(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("scale", [-0.1, "0.3", True])
+def test_recipe_stage2_vision_lr_scale_is_checked_before_any_training(tmp_path, scale):
+    recipe = Recipe.load("tiny-scratch")
+    recipe.stage2["vision_lr_scale"] = scale
+    with pytest.raises(ValueError, match="stage2.vision_lr_scale must be a number >= 0"):
+        run_recipe(recipe=recipe, data=tmp_path / "missing.json", image_folder=tmp_path, out=tmp_path / "model",
+                   stage1_steps=1, stage2_steps=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "model").exists()
+
+
+def test_recipe_stage2_trains_the_tower_only_when_asked():
+    from vlmkit.training.recipes.tiny_scratch import _stage2_config
+
+    frozen = _stage2_config({"lr": 1e-3})
+    assert frozen.vision_frozen and "vision" not in frozen.trainable_groups()
+    joint = _stage2_config({"lr": 1e-3, "vision_lr_scale": 0.3})
+    assert not joint.vision_frozen and joint.trainable_groups()["vision"] == pytest.approx(3e-4)
+    assert joint.trainable_groups()["language"] == pytest.approx(1e-3)
+
+
 def test_user_data_benchmark_draws_valid_deterministic_llava_records(tmp_path):
     """benchmarks/recipe_user_data.py's data: its own renderer, one shape per image, readable as LLaVA data."""
     import hashlib

@@ -143,6 +143,7 @@ def run_recipe(
     counts instead, for runs that must not depend on the machine's speed (tests, exact reproduction).
     """
     start = time.perf_counter()
+    _stage2_config(recipe.stage2)  # a bad stage-2 setting fails now, not after stage 1
     torch.set_flush_denormal(True)  # denormals stall small conv/linear layers on CPU
     records = read_records(data)
     vlm = build_scratch_vlm(records, recipe=recipe, seed=seed)
@@ -228,10 +229,9 @@ def _stage2(
     minutes: float, steps: int | None, seed: int, progress: bool, log: Callable[[str], None],
 ) -> Any:  # fmt: skip
     from vlmkit.training.loop import TrainConfig, train
-    from vlmkit.training.stages import StageConfig
 
     s2 = recipe.stage2
-    stage = StageConfig(stage="full", freeze_vision=True, lr=s2["lr"], lr_scales={"projector": 1.0})
+    stage = _stage2_config(s2)
     base = dict(data=data, out=out, image_folder=image_folder, stage=stage, batch_size=s2["batch_size"],
                 warmup_ratio=s2.get("warmup_ratio", 0.03), weight_decay=s2.get("weight_decay", 0.0), seed=seed,
                 eval_data=eval_data, save_every=0, keep_last=1, log_every=10, progress=progress)  # fmt: skip
@@ -241,6 +241,19 @@ def _stage2(
     log(f"stage 2: {steps} steps of batch {s2['batch_size']} in about {minutes:.1f} minutes")
     # the schedule is sized to the budget; max_minutes is the safety net if the machine slows down
     return train(vlm, TrainConfig(**base, max_steps=steps, max_minutes=minutes * 1.15))
+
+
+def _stage2_config(s2: dict[str, Any]) -> Any:
+    """Projector + LM at the recipe's LR; with ``vision_lr_scale`` > 0 the tower trains too, at that fraction."""
+    from vlmkit.training.stages import StageConfig
+
+    scale = s2.get("vision_lr_scale", 0.0)
+    if not isinstance(scale, int | float) or isinstance(scale, bool) or scale < 0:
+        raise ValueError(
+            f"recipe stage2.vision_lr_scale must be a number >= 0 (0 = frozen tower), got {scale!r}"
+        )
+    scales = {"projector": 1.0} | ({"vision": float(scale)} if scale else {})
+    return StageConfig(stage="full", freeze_vision=not scale, lr=s2["lr"], lr_scales=scales)
 
 
 def _steps_for_budget(*, vlm: Any, config: Any, minutes: float) -> int:
