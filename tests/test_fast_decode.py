@@ -16,7 +16,7 @@ from tiny import left_padded_embeds as embed
 from tiny import save_language
 from vlmkit.api import VLM
 from vlmkit.generation import DecodeOptions, GenerationConfig, generate, stream
-from vlmkit.generation.forward import prefill
+from vlmkit.generation.forward import decode_step, prefill
 from vlmkit.generation.kv_cache import new_cache, snapshot_prompt
 from vlmkit.generation.static_cache import DEFAULT_POOL, bucket_length, static_cache_supported
 from vlmkit.processing.processor import Sample
@@ -227,3 +227,41 @@ def test_lean_decode_step_is_bitwise_the_models_own(shape: dict[str, Any]) -> No
     handle = lm.model.layers[0].mlp.register_forward_hook(lambda *_: None)
     assert lean_step_model(lm, attention_mask=mask) is None
     handle.remove()
+
+
+@torch.no_grad()
+def test_lean_step_appends_in_place_but_never_into_tensors_it_did_not_make() -> None:
+    """The lean step writes new KV into a buffer with spare room instead of re-concatenating the cache; the
+    prefill's tensors (which the prefix cache keeps) stay untouched, through crops (speculative rounds) too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlmkit.generation.kv_cache import snapshot_prompt
+    from vlmkit.generation.lean_step import lean_decode_step
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, attn_implementation="sdpa")  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    embeds, mask = torch.randn(1, 9, 64), torch.ones(1, 9, dtype=torch.long)
+    cache, reference = new_cache(lm), new_cache(lm)
+    prefill(lm, inputs_embeds=embeds, attention_mask=mask, cache=cache)
+    prefill(lm, inputs_embeds=embeds, attention_mask=mask, cache=reference)
+    prompt = snapshot_prompt(cache, length=9)
+    kept = [(k.clone(), v.clone()) for k, v in prompt.layers]
+    for step, token in enumerate([5, 17, 3, 40]):
+        ids, positions = torch.tensor([[token]]), torch.tensor([[9 + step]])
+        lean_decode_step(lm, input_ids=ids, position_ids=positions, cache=cache)
+        decode_step(lm, input_ids=ids, attention_mask=torch.ones(1, 10 + step, dtype=torch.long),
+                    position_ids=positions, cache=reference)  # fmt: skip
+        if step == 1:  # cut the last position, as a rejected proposal is cut, and write it again
+            for layer, ref in zip(cache.layers, reference.layers, strict=True):
+                layer.keys, layer.values = layer.keys[:, :, :10], layer.values[:, :, :10]
+                ref.keys, ref.values = ref.keys[:, :, :10], ref.values[:, :, :10]
+            lean_decode_step(lm, input_ids=ids, position_ids=positions, cache=cache)
+            decode_step(lm, input_ids=ids, attention_mask=torch.ones(1, 11, dtype=torch.long),
+                        position_ids=positions, cache=reference)  # fmt: skip
+    for layer, ref in zip(cache.layers, reference.layers, strict=True):
+        assert torch.equal(layer.keys, ref.keys) and torch.equal(layer.values, ref.values)
+        assert layer.keys.untyped_storage().nbytes() > layer.keys.nbytes  # a view into a roomier buffer
+    for (keys, values), (k, v) in zip(prompt.layers, kept, strict=True):
+        assert torch.equal(keys, k) and torch.equal(values, v)

@@ -142,8 +142,8 @@ def lean_hidden(
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kv = cache.layers[index]
-        kv.keys = torch.cat([kv.keys, k], dim=-2)
-        kv.values = torch.cat([kv.values, v], dim=-2)
+        _append(kv, "keys", k)
+        _append(kv, "values", v)
         # one query and no mask: the very call transformers' sdpa_attention_forward makes
         out = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask, dropout_p=0.0,
                                              scale=attn.scaling, is_causal=False,
@@ -153,3 +153,35 @@ def lean_hidden(
         h = _rms_norm(layer.post_attention_layernorm, x)
         x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
     return _rms_norm(base.norm, x)
+
+
+def _append(layer: Any, name: str, new: torch.Tensor) -> None:
+    """``layer.<name>`` extended by ``new`` along the sequence axis (-2), as ``DynamicLayer.update`` does.
+
+    ``torch.cat`` copies the whole cache every step (a quarter of a batch-1 step at 80M parameters and 230 cached
+    positions); here the tensor is a view into a buffer with room to spare and only the new positions are written.
+    Only a buffer made here is ever written in place: when the layer's tensor is anything else (the prefill's
+    output, a reused prompt prefix, a tensor transformers' own update made) it is copied into a new buffer first.
+    """
+    old = getattr(layer, name)
+    length, extra = old.shape[-2], new.shape[-2]
+    buffer = getattr(layer, f"_vlmkit_{name}_buffer", None)
+    if not _owns(buffer, old, length + extra):
+        capacity = length + extra + max(256, length // 4)
+        buffer = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
+        buffer[..., :length, :] = old
+        setattr(layer, f"_vlmkit_{name}_buffer", buffer)
+    buffer[..., length : length + extra, :] = new
+    setattr(layer, name, buffer[..., : length + extra, :])
+
+
+def _owns(buffer: torch.Tensor | None, tensor: torch.Tensor, needed: int) -> bool:
+    """``tensor`` is a leading slice of ``buffer`` (same layout) and the buffer has room for ``needed`` positions."""
+    return (
+        buffer is not None
+        and buffer.data_ptr() == tensor.data_ptr()
+        and buffer.shape[:-2] == tensor.shape[:-2]
+        and buffer.stride() == tensor.stride()
+        and buffer.dtype == tensor.dtype
+        and buffer.shape[-2] >= needed
+    )
