@@ -1,7 +1,7 @@
 """Speculative greedy decoding for batch-1 requests on CPU: an int8 copy of the LM drafts, the LM verifies.
 
-At batch 1 a float32 decode step streams every weight from memory once, and on CPU that is all it does
-(docs/inference.md: 13.6 ms per step at 80M parameters against an 11.6 ms streaming floor). A draft copy of the same
+At batch 1 a float32 decode step streams every weight from memory once, and on CPU that is most of what it does
+(docs/inference.md: 8.4 ms per step at 80M parameters, 6.2 ms of it the matrix products). A draft copy of the same
 LM with int8 weights (``twins.int8_twin``: a quarter of the bytes, fbgemm/oneDNN kernels) proposes ``k``
 tokens one at a time; the float32 LM then scores the last accepted token and all ``k`` proposals in one pass over
 its weights. Greedy verification keeps the proposals up to the first one that is not the LM's own argmax and adds
