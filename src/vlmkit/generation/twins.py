@@ -17,6 +17,7 @@ the model. Twins are cached per model until a weight changes in place (an optimi
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import warnings
 import weakref
@@ -45,8 +46,16 @@ class OneDnnLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+@functools.cache
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """oneDNN is built in and its linear kernel runs here (one tiny call, once per process)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), torch.ones(4, 8), None, "none", [], "")
+    except (RuntimeError, NotImplementedError):  # a build whose oneDNN lacks this kernel on this CPU
+        return False
+    return bool((out == 8).all())
 
 
 def onednn_twin(model: Any) -> Any | None:
