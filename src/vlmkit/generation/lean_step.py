@@ -144,7 +144,7 @@ def lean_hidden(
         kv = cache.layers[index]
         _append(kv, "keys", k)
         _append(kv, "values", v)
-        # one query and no mask: the very call transformers' sdpa_attention_forward makes
+        # one token, no mask: the very call transformers' sdpa_attention_forward makes; several: causal among them
         out = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask, dropout_p=0.0,
                                              scale=attn.scaling, is_causal=False,
                                              enable_gqa=attn.num_key_value_groups > 1)  # fmt: skip

@@ -1,10 +1,11 @@
 """The model side of the decode loop: prefill once, then one token per step, over a dynamic or a static cache.
 
-``DynamicRunner`` grows transformers' ``DynamicCache`` by concatenation (eager; the CPU default: on CPU the
+``DynamicRunner`` grows transformers' ``DynamicCache`` step by step (eager; the CPU default: on CPU the
 static/compiled path measured no faster, see docs/inference.md); for a float32 Llama on CPU and a batch without
 padding its decode step is ``lean_step.py``'s op-for-op copy of the model's forward (bitwise equal logits, without
-the per-call overhead that dominates small models); on models too big for the CPU caches it multiplies through
-oneDNN (``twins.py``: the same float32 maths, streamed faster). ``StaticRunner`` writes into a pooled ``StaticCache`` whose
+the per-call overhead that dominates small models, and appending KV in place instead of re-concatenating); on
+models too big for the CPU caches it multiplies through oneDNN (``twins.py``: the same float32 maths, streamed
+faster). ``StaticRunner`` writes into a pooled ``StaticCache`` whose
 attention mask is preallocated at the full cache length, so every decode step has the same shapes and can run
 compiled. Both can start from a ``PromptKV`` (a reused prompt prefix, batch 1) and hand the
 prompt's KV back after prefill for the prefix cache.
