@@ -160,7 +160,7 @@ def decode_floor(vlm: Any, *, repeats: int = 20) -> dict[str, float]:
     return out
 
 
-def speculative_single(
+def decode_choice(
     vlm: Any, hf: Any, spec: lb.Spec, images: list[bytes], *, draft_tokens: int
 ) -> dict[str, Any]:
     """Batch-1 whole answers with and without speculative decoding (an int8 draft, ``draft_tokens`` per round),
@@ -213,10 +213,10 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         batches = {str(b): lb.measure_batch(vlm, hf, spec, images, batch=b) for b in spec.batches}
         encode = lb.measure_encode(vlm, hf, spec, images)
         modes = None if skip_modes else decode_modes(vlm, spec, images)
-        speculative = speculative_single(vlm, hf, spec, images, draft_tokens=spec.speculative)
+        choice = decode_choice(vlm, hf, spec, images, draft_tokens=spec.speculative)
         floor = decode_floor(vlm)
     ttft, answer, short = single["ttft_s"], single["answer_s"], single["short_answer_s"]
-    spec_answer = speculative["answer_s"]
+    choice_answer = choice["answer_s"]
     ratios = {
         "ask_cold_over_transformers": answer["vlmkit_cold"] / answer["transformers"],
         "ask_repeated_image_over_transformers": answer["vlmkit_repeated_image"] / answer["transformers"],
@@ -230,8 +230,8 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         "encode_over_transformers": encode["ratio"],
         # vlmkit's default decides per model; both settings, over the same transformers runs
         "decode_choice": {
-            f"ask_{case}_{name}_over_transformers": spec_answer[f"vlmkit_{case}_{name}"]
-            / spec_answer["transformers"]
+            f"ask_{case}_{name}_over_transformers": choice_answer[f"vlmkit_{case}_{name}"]
+            / choice_answer["transformers"]
             for case in ("cold", "repeated_image")
             for name in ("plain", "speculative")
         },
@@ -251,7 +251,7 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         "model": lb.model_summary(vlm, hf, spec),
         "single": single,
         "default_speculative_draft_tokens": vlm.decode_options.speculative,
-        "decode_choice": speculative,
+        "decode_choice": choice,
         "decode_by_batch": batches,
         "encode": encode,
         "cpu_decode_modes": modes,
@@ -262,9 +262,9 @@ def run_spec(spec: lb.Spec, *, skip_modes: bool) -> dict[str, Any]:
         },
         "same_tokens_as_transformers": single["same_tokens_as_transformers"]
         and single["same_tokens_with_prefix_reuse"]
-        and speculative["same_tokens_as_transformers_plain"]
-        and speculative["same_tokens_as_transformers_speculative"]
-        and speculative["same_tokens_with_prefix_reuse_speculative"]
+        and choice["same_tokens_as_transformers_plain"]
+        and choice["same_tokens_as_transformers_speculative"]
+        and choice["same_tokens_with_prefix_reuse_speculative"]
         and all(b["same_tokens_as_transformers"] for b in batches.values()),
         "same_tokens_end_to_end": single["same_tokens_end_to_end"],
         "ratios": ratios,

@@ -48,7 +48,7 @@ def speculative_round(
     """Tokens decided after ``token`` (not yet in ``cache``, at ``position``): the accepted proposals, then the
     LM's own next token. On return the cache holds ``token`` and the accepted proposals, nothing more."""
     length = cache.layers[0].keys.shape[-2]
-    proposals = _draft(draft, token=token, position=position, count=count, cache=cache) if count else []
+    proposals = _draft(draft, token=token, position=position, count=count, cache=cache)
     _crop(cache, length)
     ids = torch.tensor([[token, *proposals]])  # [1, count + 1]
     positions = torch.arange(position, position + count + 1)[None]

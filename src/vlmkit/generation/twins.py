@@ -27,9 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-ONEDNN_MIN_BYTES = (
-    32 << 20
-)  # float32 matrices below this fit in the CPU caches: F.linear's lower overhead wins
+# float32 matrices below this fit in the CPU caches: F.linear's lower per-call overhead wins there
+ONEDNN_MIN_BYTES = 32 << 20
 
 # (kind, model) -> (weights signature, twin); weak on the model, so a dropped model frees its twins
 _TWINS: dict[str, weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], Any]]] = {}
