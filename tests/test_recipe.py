@@ -21,10 +21,12 @@ def test_recipe_learns_colours_well_above_chance(tmp_path):
     recipe = Recipe.load("tiny-scratch")
     recipe.stage2["lr"] = 3e-3  # a 150-step schedule needs a hotter LR than the recipe's 15-minute one
     # the path users' own data takes (no scene labels, segment targets on); scene labels have their own tests.
-    # 80 stage-1 steps: the segment losses start large (~13 of the first loss of ~19) and settle first
+    # 160 stage-1 steps: the segment losses start large (~13 of the first loss of ~18) and settle first, and the
+    # conv stem starts slower than a plain patch embedding (0.41 after 80 steps, 0.61 after 160) before it pulls
+    # far ahead; 160 also passes a logging step (every 100), which once failed with a step budget
     recipe.stage1["objective"] = "answers"
     result = run_recipe(recipe=recipe, data=data / "train.json", image_folder=data, out=tmp_path / "model",
-                        stage1_steps=80, stage2_steps=150, progress=False)  # fmt: skip
+                        stage1_steps=160, stage2_steps=150, progress=False)  # fmt: skip
     assert result.stage1["last_loss"] < result.stage1["first_loss"] * 0.7
     vlm = VLM.from_pretrained(tmp_path / "model")
     records = json.loads((data / "test.json").read_text())

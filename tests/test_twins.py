@@ -108,3 +108,59 @@ def test_int8_twin_is_cached_shares_weights_and_leaves_the_model_alone(lm) -> No
         lm.model.layers[0].mlp.up_proj.weight.mul_(0.5)
     assert int8_twin(lm) is not draft
     assert _greedy(lm, seed=1, options=DecodeOptions(speculative=3)) == _greedy(lm, seed=1)
+
+
+@needs_onednn
+def test_gemm_twin_only_for_many_rows_without_gradients_in_float32(lm) -> None:
+    with torch.no_grad():
+        assert twins.onednn_gemm_twin(lm, rows=twins.ONEDNN_GEMM_MIN_ROWS - 1) is None  # a GEMV-like pass
+        twin = twins.onednn_gemm_twin(lm, rows=twins.ONEDNN_GEMM_MIN_ROWS)
+        assert twin is not None and type(twin.model.layers[0].self_attn.q_proj) is OneDnnLinear
+        assert twin.model.layers[0].self_attn.q_proj.weight is lm.model.layers[0].self_attn.q_proj.weight
+        lm.train()
+        assert twins.onednn_gemm_twin(lm, rows=64) is None  # training: dropout and friends stay the model's
+        lm.eval()
+    assert twins.onednn_gemm_twin(lm, rows=64) is None  # gradients wanted: oneDNN's kernel has no backward
+    with torch.no_grad():
+        assert twins.onednn_gemm_twin(lm.to(torch.bfloat16), rows=64) is None
+
+
+@needs_onednn
+@torch.no_grad()
+def test_gemm_twin_prefill_is_the_models_maths(lm) -> None:
+    embeds = torch.randn(2, 40, 64)
+    twin = twins.onednn_gemm_twin(lm, rows=80)
+    caches = new_cache(lm), new_cache(lm)
+    ours = twin(inputs_embeds=embeds, use_cache=True, **{cache_kwarg(lm): caches[0]}).logits
+    theirs = lm(inputs_embeds=embeds, use_cache=True, **{cache_kwarg(lm): caches[1]}).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(caches[0].layers[1].values, caches[1].layers[1].values, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_greedy_answers_are_the_same_with_and_without_the_gemm_prefill(lm, monkeypatch) -> None:
+    def long_prompt(seed: int) -> list[int]:
+        embeds = torch.randn(1, 48, 64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return generate(lm, inputs_embeds=embeds, attention_mask=torch.ones(1, 48, dtype=torch.long),
+                            tokenizer=_Tokenizer(), config=GenerationConfig(max_new_tokens=12), eos_token_ids=[],
+                            ).token_ids[0]  # fmt: skip
+
+    calls = []
+    real = runner.onednn_gemm_twin
+    monkeypatch.setattr(runner, "onednn_gemm_twin", lambda m, rows: calls.append(rows) or real(m, rows=rows))
+    fast = [long_prompt(seed) for seed in range(4)]
+    assert calls == [48] * 4
+    monkeypatch.setattr(runner, "onednn_gemm_twin", lambda m, rows: None)
+    assert [long_prompt(seed) for seed in range(4)] == fast
+
+
+@needs_onednn
+@torch.no_grad()
+def test_gemm_twin_encodes_images_as_the_model_does(tiny_vlm) -> None:
+    pixels = torch.randn(4, 3, 32, 32)
+    twin = twins.onednn_gemm_twin(tiny_vlm.model, rows=4 * tiny_vlm.model.vision.num_tokens)
+    assert twin is not None and twin.vision.model is not tiny_vlm.model.vision.model
+    torch.testing.assert_close(
+        twin.encode_images(pixels), tiny_vlm.model.encode_images(pixels), rtol=1e-5, atol=1e-5
+    )

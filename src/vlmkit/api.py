@@ -27,6 +27,7 @@ from vlmkit.config import SCHEMA_VERSION, LanguageConfig, ProjectorConfig, Promp
 from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult, PromptKV, generate, stream
 from vlmkit.generation.kv_cache import new_cache, plain_layers
 from vlmkit.generation.static_cache import DEFAULT_POOL
+from vlmkit.generation.twins import onednn_gemm_twin
 from vlmkit.models.io import ModelDirError, load_weights, read_weights, replace_dir, save_weights
 from vlmkit.models.language import ensure_vocab
 from vlmkit.models.parts import (
@@ -229,6 +230,7 @@ class VLM:
         select: str = "patch",
         image_size: int | None = None,
         resize_mode: str | None = None,
+        conv_stem: tuple[int, ...] | list[int] = (),
         template: str = "auto",
         system: str | None = None,
         dtype: str | torch.dtype | None = None,
@@ -236,6 +238,9 @@ class VLM:
         **options: Any,
     ) -> VLM:
         """Compose a new VLM from a local vision tower dir and a local causal-LM dir (projector freshly initialised).
+
+        ``conv_stem`` (channel widths) replaces the tower's patch embedding with a new convolutional stem
+        (``models/vision/stem.py``): for towers trained from scratch; it discards a pre-trained patch embedding.
 
         ``options`` are the constructor's inference options (caches, compile, ...).
         """
@@ -245,7 +250,7 @@ class VLM:
             tower=tower,
             source=vision,
             overrides={"feature_layer": feature_layer, "select": select, "image_size": image_size,
-                       "resize_mode": resize_mode},
+                       "resize_mode": resize_mode, "conv_stem": tuple(conv_stem) or None},
         )  # fmt: skip
         language_model = load_language_model(language, dtype=torch_dtype)
         tokenizer = load_tokenizer(language)
@@ -471,9 +476,13 @@ class VLM:
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixel_values [n, 3, S, S] -> [n, tokens, dim], all at once or one image at a time."""
-        if self.encode_mode == "parallel" or pixels.shape[0] == 1:
-            return self.model.encode_images(pixels)
-        return torch.cat([self.model.encode_images(pixels[i : i + 1]) for i in range(pixels.shape[0])])
+        together = self.encode_mode == "parallel" or pixels.shape[0] == 1
+        rows = self.model.vision.num_tokens * (pixels.shape[0] if together else 1)
+        # float32 on CPU: the same maths through oneDNN's faster GEMM (generation/twins.py)
+        model = onednn_gemm_twin(self.model, rows=rows) or self.model
+        if together:
+            return model.encode_images(pixels)
+        return torch.cat([model.encode_images(pixels[i : i + 1]) for i in range(pixels.shape[0])])
 
     def info(self) -> dict[str, Any]:
         """A summary for ``vlmkit info``: parts, sizes and parameter counts."""

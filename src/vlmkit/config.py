@@ -44,6 +44,9 @@ class VisionConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     # where the tower came from (informational; weights live in model.safetensors)
     source: str | None = None
+    # channel widths of a convolutional stem that replaces the tower's patch embedding (one stride-2 3x3 conv
+    # each, so 2**len = patch size); empty = the tower's own single-convolution patch embedding
+    conv_stem: tuple[int, ...] = ()
 
     def validate(self) -> None:
         _require(
@@ -61,6 +64,11 @@ class VisionConfig:
         _require(len(self.image_std) == 3, "vision.image_std", "must have 3 values")
         _require(all(s > 0 for s in self.image_std), "vision.image_std", "must be positive")
         _require("model_type" in self.hf_config, "vision.hf_config", "must contain 'model_type'")
+        _require(
+            all(isinstance(c, int) and c > 0 for c in self.conv_stem),
+            "vision.conv_stem",
+            f"must list positive channel counts, got {list(self.conv_stem)}",
+        )
 
 
 @dataclass

@@ -37,7 +37,7 @@ from vlmkit.generation.static_cache import (
     forward_logits,
     static_cache_supported,
 )
-from vlmkit.generation.twins import onednn_twin
+from vlmkit.generation.twins import onednn_gemm_twin, onednn_twin
 
 
 class DynamicRunner:
@@ -62,7 +62,9 @@ class DynamicRunner:
         self.fast = self.lean and (onednn_twin(self.lean) or self.lean)
 
     def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        logits = prefill(self.lm, inputs_embeds=inputs_embeds, attention_mask=self.mask, cache=self.cache,
+        # a prompt of many rows is compute-bound: oneDNN's GEMM where it is faster (see twins.py)
+        lm = onednn_gemm_twin(self.lm, rows=inputs_embeds.shape[0] * inputs_embeds.shape[1]) or self.lm
+        logits = prefill(lm, inputs_embeds=inputs_embeds, attention_mask=self.mask, cache=self.cache,
                          past_length=self.past_length)  # fmt: skip
         if self.lean is not None and not plain_dynamic_cache(
             self.cache, num_layers=len(self.lean.model.layers)

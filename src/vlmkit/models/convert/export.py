@@ -92,6 +92,10 @@ def unrepresentable_reasons(model: Any) -> list[str]:
             f"image size {config.vision.image_size} differs from the tower's {vision.native_size} "
             "(llava-hf does not interpolate position embeddings)"
         )
+    if config.vision.conv_stem:
+        reasons.append(
+            "a convolutional stem on the vision tower (llava-hf towers embed patches with one convolution)"
+        )
     if config.prompt.image_token_id is None:
         reasons.append("no image token in the tokenizer")
     wrapped = [name for name, part in (("language model", model.language_model), ("vision tower", vision.model))

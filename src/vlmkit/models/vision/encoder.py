@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import VisionConfig
+from vlmkit.models.vision.stem import install_conv_stem
 
 # model_type -> number of leading non-patch tokens (CLS, registers) that select="patch" drops
 _PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "dinov2": 1, "vit": 1}
@@ -51,6 +52,9 @@ class VisionEncoder(nn.Module):
             getattr(hf_config, "num_register_tokens", 0) or 0
         )
         self._check_layer(hf_config.num_hidden_layers)
+        if config.conv_stem:
+            install_conv_stem(self.model, channels=tuple(config.conv_stem), patch_size=self.patch_size,
+                              hidden_size=self.hidden_size)  # fmt: skip
 
     def _check_layer(self, num_layers: int) -> None:
         layer = self.config.feature_layer

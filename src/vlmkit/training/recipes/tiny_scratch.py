@@ -36,6 +36,8 @@ class Recipe:
     vocab_size: int = 1024
     template: str = "chatml"
     description: str = ""
+    # widths of a convolutional stem in place of the ViT's patch embedding (models/vision/stem.py); [] = none
+    conv_stem: list[int] = field(default_factory=list)
     vision: dict[str, Any] = field(default_factory=dict)
     language: dict[str, Any] = field(default_factory=dict)
     stage1: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +112,7 @@ def build_scratch_vlm(records: list[Record], *, recipe: Recipe, seed: int) -> An
         vision_dir, language_dir = save_parts(recipe=recipe, tokenizer=tokenizer, root=Path(tmp))
         # feature_layer -1: a tower trained from scratch has no "too specialised" last layer to skip
         return VLM.build(vision=vision_dir, language=language_dir, projector="mlp", feature_layer=-1,
-                         template=recipe.template, seed=seed)  # fmt: skip
+                         conv_stem=tuple(recipe.conv_stem), template=recipe.template, seed=seed)  # fmt: skip
 
 
 @dataclass

@@ -209,6 +209,7 @@ def train_tower(
     vision.train()
     start, step, first, budget = time.perf_counter(), 0, math.nan, minutes * 60
     while (elapsed := time.perf_counter() - start) < budget if max_steps is None else step < max_steps:
+        elapsed = time.perf_counter() - start  # also with max_steps, where the condition does not time
         progress = elapsed / budget if max_steps is None else step / max_steps
         loss = batch_loss()
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
