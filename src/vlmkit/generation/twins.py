@@ -41,33 +41,8 @@ ONEDNN_GEMM_MIN_ROWS = 32
 _TWINS: dict[str, weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], Any]]] = {}
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class _OneDnnLinearFunction(torch.autograd.Function):
-    """x W^T + b with its backward's two products through oneDNN too (the kernel itself has no backward)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])  # [n, out]
-        grad_x = _onednn_linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # [..., in]
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # [out, n] @ [n, in]
-            grad_w = _onednn_linear(rows.t(), x.reshape(-1, x.shape[-1]).t(), None)
-        grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
 class OneDnnLinear(nn.Module):
-    """``nn.Linear`` computed by oneDNN on the same weight tensor, with a backward when gradients are wanted.
+    """``nn.Linear`` computed by oneDNN on the same weight tensor (inference only: the kernel has no backward).
 
     x [..., in] -> [..., out]
     """
@@ -77,13 +52,7 @@ class OneDnnLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias  # the model's own parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or self.weight.requires_grad
-            or (self.bias is not None and self.bias.requires_grad)
-        ):
-            return _OneDnnLinearFunction.apply(x, self.weight, self.bias)
-        return _onednn_linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 @functools.cache
@@ -118,28 +87,6 @@ def onednn_gemm_twin(module: nn.Module, *, rows: int) -> nn.Module | None:
     if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         return None
     return _cached("onednn", module, build=lambda: _swap_linears(_twin(module), OneDnnLinear))
-
-
-def training_twin(module: nn.Module) -> nn.Module | None:
-    """``module`` with oneDNN Linear layers forward and backward, over its own Parameters (gradients land on them,
-    so an optimiser over ``module`` trains it), or ``None``: no oneDNN, weights not float32 on the CPU, or peft
-    adapters (their layers stay peft's). Not cached: the caller keeps it, and keeps its train/eval modes in step
-    with ``module`` (``copy_modes``)."""
-    if not onednn_available():
-        return None
-    linears = [m for m in module.modules() if type(m) is nn.Linear]
-    if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
-        return None
-    if any(type(m).__module__.startswith("peft") for m in module.modules()):
-        return None
-    with torch.no_grad():
-        return _swap_linears(_twin(module), OneDnnLinear)
-
-
-def copy_modes(source: nn.Module, twin: nn.Module) -> None:
-    """Give every module of ``twin`` the train/eval mode of its counterpart in ``source`` (same tree order)."""
-    for original, copy_ in zip(source.modules(), twin.modules(), strict=True):
-        copy_.training = original.training
 
 
 def int8_twin(model: Any) -> Any | None:
