@@ -13,7 +13,7 @@ the model. Twins are cached per model until a weight changes in place (an optimi
 - ``onednn_gemm_twin``: the same twin for passes of many rows (prefill, image encode), where the work is
   compute, not bandwidth. On the AMD Zen CPUs we measured, ``F.linear`` goes to MKL's sgemm, which runs its AVX2
   code there, while oneDNN runs AVX-512: 230-250 against 105-110 GFLOP/s on one core for the small spec's
-  prefill and tower shapes. On Intel CPUs both reach AVX-512; oneDNN is then about even.
+  prefill and tower shapes (measured on AMD only; where MKL runs AVX-512, as on Intel, the gap should be smaller).
 - ``int8_twin``: int8 weights, dynamically quantised activations (``quantize_dynamic``, per-channel scales): a
   quarter of the bytes and fast int8 kernels; not the model's maths - the draft of speculative decoding.
 """
@@ -34,7 +34,8 @@ from torch import nn
 # float32 matrices below this fit in the CPU caches: F.linear's lower per-call overhead wins there
 ONEDNN_MIN_BYTES = 32 << 20
 
-# a pass with fewer rows per matrix product than this is a GEMV-like step: see ``onednn_twin``
+# fewer rows per matrix product than this and F.linear can win (one core, cache-resident weights: oneDNN is ahead
+# from 4 rows on a 512 x 1376 matrix, from about 27 on 128 x 512, from 64 on 128 x 128)
 ONEDNN_GEMM_MIN_ROWS = 32
 
 # (kind, model) -> (weights signature, twin); weak on the model, so a dropped model frees its twins
@@ -74,7 +75,7 @@ def onednn_twin(model: Any) -> Any | None:
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     if sum(m.weight.numel() * m.weight.element_size() for m in linears) < ONEDNN_MIN_BYTES:
         return None
-    return _cached("onednn", model, build=lambda: _swap_linears(_twin(model), OneDnnLinear))
+    return _onednn(model)
 
 
 def onednn_gemm_twin(module: nn.Module, *, rows: int) -> nn.Module | None:
@@ -86,6 +87,11 @@ def onednn_gemm_twin(module: nn.Module, *, rows: int) -> nn.Module | None:
     linears = [m for m in module.modules() if type(m) is nn.Linear]
     if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         return None
+    return _onednn(module)
+
+
+def _onednn(module: nn.Module) -> nn.Module:
+    """The one oneDNN twin of ``module``, shared by decode steps and many-row passes."""
     return _cached("onednn", module, build=lambda: _swap_linears(_twin(module), OneDnnLinear))
 
 
