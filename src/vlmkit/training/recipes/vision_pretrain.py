@@ -208,13 +208,15 @@ def train_tower(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     vision.train()
     start, step, first, budget = time.perf_counter(), 0, math.nan, minutes * 60
-    while (elapsed := time.perf_counter() - start) < budget if max_steps is None else step < max_steps:
-        elapsed = time.perf_counter() - start  # also with max_steps, where the condition does not time
+    while True:
+        elapsed = time.perf_counter() - start  # timed in both modes: the log line reports it
         progress = elapsed / budget if max_steps is None else step / max_steps
+        if progress >= 1.0:
+            break
         loss = batch_loss()
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
