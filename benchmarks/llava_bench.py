@@ -76,7 +76,6 @@ class Spec:
     words: int = 32000  # tokenizer words (<unk> <s> </s> first); then <image> = words, <pad> = words + 1
     vocab_size: int = 32064  # the LM's vocabulary (>= words + 2; llava-1.5 pads 32002 to 32064)
     vision_feature_layer: int = -2  # llava-1.5's; -1 for a tower trained with the LM (vlmkit's tiny recipe)
-    speculative: int = 6  # draft tokens per round in the speculative-decoding figures (CPU benchmark)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -1,4 +1,4 @@
-"""Twins of a float32 Llama for CPU decoding: oneDNN matmuls (same maths) and int8 weights (the draft)."""
+"""Twins of a float32 model for CPU inference: oneDNN matmuls, the same maths on the same weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vlmkit.generation import DecodeOptions, GenerationConfig, generate, runner, twins
 from vlmkit.generation.kv_cache import cache_kwarg, new_cache
 from vlmkit.generation.lean_step import lean_hidden
-from vlmkit.generation.twins import OneDnnLinear, int8_twin, onednn_available, onednn_twin
+from vlmkit.generation.twins import OneDnnLinear, onednn_available, onednn_twin
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -96,18 +96,6 @@ def test_greedy_answers_are_the_same_with_and_without_onednn(lm, any_size, monke
 def test_small_models_keep_f_linear(lm) -> None:
     assert onednn_twin(lm) is None  # 0.3 MB of matrices: framework overhead, not bandwidth, bounds its step
     assert _greedy(lm, seed=0)
-
-
-def test_int8_twin_is_cached_shares_weights_and_leaves_the_model_alone(lm) -> None:
-    draft = int8_twin(lm)
-    assert draft is not None and int8_twin(lm) is draft
-    assert draft.model.embed_tokens.weight is lm.model.embed_tokens.weight  # shared, not copied
-    assert type(lm.model.layers[0].mlp.up_proj) is torch.nn.Linear  # the model keeps its float32 layers
-    assert type(draft.model.layers[0].mlp.up_proj) is not torch.nn.Linear
-    with torch.no_grad():
-        lm.model.layers[0].mlp.up_proj.weight.mul_(0.5)
-    assert int8_twin(lm) is not draft
-    assert _greedy(lm, seed=1, options=DecodeOptions(speculative=3)) == _greedy(lm, seed=1)
 
 
 @needs_onednn

@@ -109,8 +109,8 @@ class VLM:
     reused by later ones sharing a prefix (batch-1 requests; 0 = off); ``compile`` - ``torch.compile`` the decode
     step (``True`` or a dict of compile options), over a static cache; ``static_cache`` - a preallocated cache
     without compiling (``None``: from batch 16 on); ``sync_every`` - decode steps between host syncs (default: 1 on CPU, 8 on GPU);
-    ``speculative`` - draft tokens per round from an int8 copy of the LM, verified by the LM in one pass (greedy
-    batch-1 requests on a float32 Llama on CPU; 0 = off);
+    ``speculative`` - draft tokens per round from a float16 copy of the LM, verified by the LM in one pass (greedy
+    batch-1 requests on a float32 Llama on CPU; 0 = off; ``None`` = on for LMs too big for the CPU caches);
     ``encode_mode`` - ``"parallel"`` (all new images of a request through the encoder at once) or
     ``"sequential"`` (one at a time: lower peak memory).
     """
@@ -127,7 +127,7 @@ class VLM:
         compile: bool | dict[str, Any] = False,
         static_cache: bool | None = None,
         sync_every: int | None = None,
-        speculative: int = 0,
+        speculative: int | None = None,
         encode_mode: str = "parallel",
     ) -> None:
         self.model = model.eval()
@@ -175,7 +175,7 @@ class VLM:
         compile: bool | dict[str, Any] = False,
         static_cache: bool | None = None,
         sync_every: int | None = None,
-        speculative: int = 0,
+        speculative: int | None = None,
     ) -> VLM:
         """Choose how the decode loop runs (``compile`` implies a static cache). Returns self."""
         self.decode_options = DecodeOptions(

@@ -125,22 +125,27 @@ class DecodeOptions:
     decode step over that static cache, which implies ``static_cache``. ``sync_every`` is how many decode steps run
     between host syncs (finished / stop-string checks): 1 reads every token back at once (what streaming needs);
     more lets the host queue several GPU steps ahead, at the price of up to ``sync_every - 1`` wasted steps at the end.
-    ``speculative`` > 0 lets an int8 copy of the LM propose that many tokens per round, which the LM verifies in one
-    pass (``speculative.py``): greedy batch-1 requests on a float32 Llama on CPU with the dynamic cache; anything
-    else decodes as usual. 0 = off.
+    ``speculative`` > 0 lets a float16 copy of the LM propose up to that many tokens per round, which the LM verifies
+    in one pass (``speculative.py``): greedy batch-1 requests on a float32 Llama on CPU with the dynamic cache;
+    anything else decodes as usual. 0 = off; ``None`` (default) = on, up to ``decode.AUTO_DRAFT_TOKENS``, where
+    the LM's matrices are too big for the CPU caches (a step then streams its weights, and the draft streams half
+    the bytes), off for smaller LMs.
     """
 
     static_cache: bool = False
     compile: bool | dict[str, Any] = False
     sync_every: int = 1
-    speculative: int = 0
+    speculative: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.sync_every) or self.sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {self.sync_every!r}")
-        if not _is_int(self.speculative) or not 0 <= self.speculative <= 16:
+        if self.speculative is not None and (
+            not _is_int(self.speculative) or not 0 <= self.speculative <= 16
+        ):
             raise ValueError(
-                f"speculative must be an int in [0, 16] (draft tokens per round), got {self.speculative!r}"
+                f"speculative must be None (auto) or an int in [0, 16] (draft tokens per round), "
+                f"got {self.speculative!r}"
             )
         if not isinstance(self.compile, bool | dict):
             raise ValueError(

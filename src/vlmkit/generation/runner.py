@@ -19,6 +19,7 @@ import torch
 
 from vlmkit.generation.config import DecodeOptions
 from vlmkit.generation.forward import decode_step, prefill, prompt_position_ids
+from vlmkit.generation.greedy_head import ScreenedHead, screened_head
 from vlmkit.generation.kv_cache import (
     PromptKV,
     accepts_logits_to_keep,
@@ -27,7 +28,7 @@ from vlmkit.generation.kv_cache import (
     new_cache,
     snapshot_prompt,
 )
-from vlmkit.generation.lean_step import lean_decode_step, lean_step_model, plain_dynamic_cache
+from vlmkit.generation.lean_step import lean_decode_step, lean_hidden, lean_step_model, plain_dynamic_cache
 from vlmkit.generation.static_cache import (
     DEFAULT_POOL,
     DecodeStep,
@@ -86,6 +87,18 @@ class DynamicRunner:
         self.positions = self.positions + 1
         return logits
 
+    def greedy_head(self) -> ScreenedHead | None:
+        """The screened argmax of the output layer when this runner's steps can use it (see ``greedy_step``)."""
+        return screened_head(self.lean) if self.lean is not None else None
+
+    def greedy_step(self, tokens: torch.Tensor, *, head: ScreenedHead) -> torch.Tensor:
+        """tokens [batch] -> the next greedy tokens [batch], the output layer's argmax through ``head``."""
+        hidden = lean_hidden(
+            self.fast, input_ids=tokens[:, None], position_ids=self.positions, cache=self.cache
+        )
+        self.positions = self.positions + 1
+        return head(hidden[:, -1])
+
     def prompt_kv(self) -> PromptKV:
         return snapshot_prompt(self.cache, length=self.prompt_length)
 
@@ -143,6 +156,9 @@ class StaticRunner(DynamicRunner):
     def decode_inputs(self, *, eager: bool, **inputs: torch.Tensor) -> torch.Tensor:
         call = forward_logits if eager else self.decode
         return call(self.lm, self.inputs | inputs)
+
+    def greedy_head(self) -> ScreenedHead | None:
+        return None  # the static path keeps the model's own (compilable) step
 
     def close(self) -> None:
         if self.cache is not None:

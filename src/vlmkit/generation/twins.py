@@ -1,4 +1,4 @@
-"""Twins of a small float32 Llama for CPU decoding: the same module tree with other kernels behind its Linear layers.
+"""Twins of a float32 model for CPU inference: the same module tree with other kernels behind its Linear layers.
 
 A twin is a deep copy of the model's modules over the model's own tensors (nothing is copied), whose Linear layers
 are then swapped: the model itself is never touched, and the lean decode step (``lean_step.py``) runs a twin like
@@ -14,8 +14,6 @@ the model. Twins are cached per model until a weight changes in place (an optimi
   compute, not bandwidth. On the AMD Zen CPUs we measured, ``F.linear`` goes to MKL's sgemm, which runs its AVX2
   code there, while oneDNN runs AVX-512: 230-250 against 105-110 GFLOP/s on one core for the small spec's
   prefill and tower shapes (measured on AMD only; where MKL runs AVX-512, as on Intel, the gap should be smaller).
-- ``int8_twin``: int8 weights, dynamically quantised activations (``quantize_dynamic``, per-channel scales): a
-  quarter of the bytes and fast int8 kernels; not the model's maths - the draft of speculative decoding.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -92,27 +89,7 @@ def onednn_gemm_twin(module: nn.Module, *, rows: int) -> nn.Module | None:
 
 def _onednn(module: nn.Module) -> nn.Module:
     """The one oneDNN twin of ``module``, shared by decode steps and many-row passes."""
-    return _cached("onednn", module, build=lambda: _swap_linears(_twin(module), OneDnnLinear))
-
-
-def int8_twin(model: Any) -> Any | None:
-    """``model`` with int8 dynamically quantised Linear layers, or ``None`` without a quantised CPU engine."""
-    engines = torch.backends.quantized.supported_engines
-    if not any(engine in engines for engine in ("x86", "fbgemm", "onednn", "qnnpack")):
-        return None
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    except ImportError:  # a torch without eager quantisation: no draft, plain decoding
-        return None
-
-    def build() -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch marks eager quantisation for a future move to torchao
-            return quantize_dynamic(
-                _twin(model), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
-            )
-
-    return _cached("int8", model, build=build)
+    return cached_for_weights("onednn", module, build=lambda: _swap_linears(_twin(module), OneDnnLinear))
 
 
 def _twin(model: Any) -> Any:
@@ -130,8 +107,11 @@ def _swap_linears(model: Any, make: Callable[[nn.Linear], nn.Module]) -> Any:
 
 
 @torch.no_grad()
-def _cached(kind: str, model: Any, *, build: Callable[[], Any]) -> Any:
-    signature = tuple(p._version for p in model.parameters())  # bumped by every in-place update
+def cached_for_weights(kind: str, model: Any, *, build: Callable[[], Any]) -> Any:
+    """``build()``'s result, cached per ``kind`` and ``model`` until one of its weights changes (in place or
+    replaced). Weak on the model: what ``build`` returns must not hold the model module itself."""
+    # _version is bumped by every in-place update; data_ptr catches a replaced tensor
+    signature = tuple((p.data_ptr(), p._version) for p in model.parameters())
     cache = _TWINS.setdefault(kind, weakref.WeakKeyDictionary())
     hit = cache.get(model)
     if hit is not None and hit[0] == signature:
