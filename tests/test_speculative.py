@@ -271,3 +271,23 @@ def test_decode_options_check_speculative() -> None:
             DecodeOptions(speculative=bad)  # type: ignore[arg-type]
     assert DecodeOptions(speculative=0).speculative == 0
     assert DecodeOptions().speculative is None
+
+
+@torch.no_grad()
+def test_the_float16_draft_handles_biases_and_grouped_heads() -> None:
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                         attn_implementation="sdpa")  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            module.bias.normal_(std=0.5)  # biases that matter
+        if isinstance(module, torch.nn.Linear):
+            module.weight.mul_(4.0)
+    cache_a = new_cache(lm)
+    lm(inputs_embeds=torch.randn(1, 7, 64), use_cache=True, **{cache_kwarg(lm): cache_a})
+    cache_b = copy.deepcopy(cache_a)
+    proposals = Float16Draft(lm).propose(token=5, position=7, count=8, cache=cache_a, stop=frozenset())
+    assert proposals == _Exact(lm).propose(token=5, position=7, count=8, cache=cache_b, stop=frozenset())
+    torch.testing.assert_close(cache_a.layers[1].keys, cache_b.layers[1].keys, rtol=2e-2, atol=2e-2)
