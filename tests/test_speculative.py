@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from tiny import left_padded_embeds as embed
 from tiny import save_tokenizer
 from vlmkit.generation import DecodeOptions, GenerationConfig, decode, generate, speculative, stream
+from vlmkit.generation import draft as draft_module
 from vlmkit.generation.draft import Float16Draft, float16_draft
 from vlmkit.generation.kv_cache import cache_kwarg, new_cache
 from vlmkit.generation.lean_step import lean_hidden
@@ -263,6 +264,17 @@ def test_auto_speculation_only_for_greedy_batch1_requests_on_big_lms(llama, monk
     calls.clear()
     _generate(llama, PROMPTS[0], DecodeOptions(), temperature=0.7, seed=1)
     assert not calls
+    if (
+        twins.onednn_available()
+    ):  # a draft auto mode cannot afford: plain decoding; an explicit N still drafts
+        monkeypatch.setattr(draft_module, "AUTO_MAX_BYTES", 0)
+        assert _generate(llama, PROMPTS[0], DecodeOptions()) == plain and not calls
+        assert (
+            _generate(llama, PROMPTS[0], DecodeOptions(speculative=3)) == plain and calls and max(calls) == 3
+        )
+        monkeypatch.setattr(draft_module, "AUTO_MAX_BYTES", 1 << 30)
+        monkeypatch.setattr(draft_module, "_available_memory", lambda: 1000)
+        assert not draft_module.affordable(llama[0])
 
 
 def test_decode_options_check_speculative() -> None:

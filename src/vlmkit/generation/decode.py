@@ -18,6 +18,7 @@ import torch
 
 from vlmkit.generation.beam import beam_search
 from vlmkit.generation.config import DecodeOptions, GenerationConfig, GenerationResult
+from vlmkit.generation.draft import affordable as draft_affordable
 from vlmkit.generation.draft import float16_draft
 from vlmkit.generation.forward import check_inputs
 from vlmkit.generation.kv_cache import PromptKV
@@ -86,8 +87,9 @@ def _draft_tokens(
         return 0
     if options.speculative is not None:
         return options.speculative
-    # auto: where a step streams weights too big for the CPU caches (the oneDNN twin's threshold)
-    return AUTO_DRAFT_TOKENS if runner.fast is not lean else 0
+    # auto: where a step streams weights too big for the CPU caches (the oneDNN twin's threshold), if the draft's
+    # memory is affordable
+    return AUTO_DRAFT_TOKENS if runner.fast is not lean and draft_affordable(lean) else 0
 
 
 def _select_loop(

@@ -26,6 +26,9 @@ from vlmkit.generation.twins import cached_for_weights
 
 FLOAT16_MAX = 65504.0
 
+# ``speculative=None`` (auto) builds a draft only up to this size, and within a quarter of the memory available
+AUTO_MAX_BYTES = 1 << 30
+
 
 def _pack(*linears: nn.Linear) -> Any:
     """One fbgemm float16 matrix of the stacked layers (bias stacked too, or none)."""
@@ -72,7 +75,9 @@ class Float16Draft:
         }
 
     @torch.no_grad()
-    def propose(self, *, token: int, position: int, count: int, cache: Any, stop: frozenset[int]) -> list[int]:
+    def propose(
+        self, *, token: int, position: int, count: int, cache: Any, stop: frozenset[int]
+    ) -> list[int]:
         """Up to ``count`` greedy tokens after ``token`` (at ``position``), ending early after one in ``stop``;
         the cache keeps their keys and values until the verifier crops them."""
         proposals: list[int] = []
@@ -127,6 +132,25 @@ def float16_draft(model: Any) -> Float16Draft | None:
     if not any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm")):
         return None
     return cached_for_weights("float16_draft", model, build=lambda: _build(model))  # None is cached too
+
+
+def affordable(model: Any) -> bool:
+    """Whether auto mode may build ``model``'s draft: its float16 matrices within ``AUTO_MAX_BYTES`` and within a
+    quarter of the memory available now (where the system says; Linux ``MemAvailable``)."""
+    size = sum(m.weight.numel() * 2 for m in model.modules() if type(m) is nn.Linear)
+    available = _available_memory()
+    return size <= AUTO_MAX_BYTES and (available is None or 4 * size <= available)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _build(model: Any) -> Float16Draft | None:
