@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vlmkit.generation import DecodeOptions, GenerationConfig, generate, greedy_head
+from vlmkit.generation import DecodeOptions, GenerationConfig, generate, greedy_head, twins
 from vlmkit.generation.greedy_head import ScreenedHead, screened_head
 
-needs_fbgemm = pytest.mark.skipif(not greedy_head._fbgemm_engine(), reason="this torch build has no fbgemm")
+needs_fbgemm = pytest.mark.skipif(not twins.fbgemm_available(), reason="this torch build has no fbgemm")
 pytestmark = [needs_fbgemm, pytest.mark.usefixtures("one_thread")]
 
 

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tiny import left_padded_embeds as embed
 from tiny import save_tokenizer
-from vlmkit.generation import DecodeOptions, GenerationConfig, decode, generate, speculative, stream
+from vlmkit.generation import DecodeOptions, GenerationConfig, decode, generate, speculative, stream, twins
 from vlmkit.generation import draft as draft_module
 from vlmkit.generation.draft import Float16Draft, float16_draft
 from vlmkit.generation.kv_cache import cache_kwarg, new_cache
@@ -22,7 +22,10 @@ SPECULATIVE = DecodeOptions(speculative=4)
 PROMPTS = ("What colour is the circle?", "USER: Describe the image. ASSISTANT:", "yes")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not twins.fbgemm_available(), reason="the float16 draft needs fbgemm"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +258,6 @@ def test_auto_speculation_only_for_greedy_batch1_requests_on_big_lms(llama, monk
                         speculative_round(*a, **k))  # fmt: skip
     plain = _generate(llama, PROMPTS[0], DecodeOptions(speculative=0))
     assert _generate(llama, PROMPTS[0], DecodeOptions()) == plain and not calls  # small LM: no draft
-    from vlmkit.generation import twins
-
     monkeypatch.setattr(twins, "ONEDNN_MIN_BYTES", 0)  # now "too big for the caches"
     if twins.onednn_available():
         assert _generate(llama, PROMPTS[0], DecodeOptions()) == plain

@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.generation.lean_step import _append
-from vlmkit.generation.twins import cached_for_weights
-
-FLOAT16_MAX = 65504.0
+from vlmkit.generation.twins import FLOAT16_MAX, cached_for_weights, fbgemm_available
 
 # ``speculative=None`` (auto) builds a draft only up to this size, and within a quarter of the memory available
 AUTO_MAX_BYTES = 1 << 30
@@ -129,7 +127,7 @@ def _rope(x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 def float16_draft(model: Any) -> Float16Draft | None:
     """The cached float16 draft of ``model`` (see ``lean_step.lean_step_model``), or ``None`` without fbgemm's
     float16 kernels or when a weight is beyond float16's range."""
-    if not any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm")):
+    if not fbgemm_available():
         return None
     return cached_for_weights("float16_draft", model, build=lambda: _build(model))  # None is cached too
 

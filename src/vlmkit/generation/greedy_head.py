@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.generation.twins import cached_for_weights
+from vlmkit.generation.twins import FLOAT16_MAX, cached_for_weights, fbgemm_available
 
 # an output layer smaller than this stays in the CPU caches across steps: nothing to save by screening it
 SCREEN_MIN_BYTES = 8 << 20
-
-FLOAT16_MAX = 65504.0
 
 # above this share of the vocabulary left after the screen, rescoring costs more than the float32 layer
 MAX_CANDIDATE_SHARE = 1 / 16
@@ -84,7 +82,7 @@ def screened_head(model: Any) -> ScreenedHead | None:
     head = getattr(model, "lm_head", None)
     if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
         return None
-    if head.weight.numel() * head.weight.element_size() < SCREEN_MIN_BYTES or not _fbgemm_engine():
+    if head.weight.numel() * head.weight.element_size() < SCREEN_MIN_BYTES or not fbgemm_available():
         return None
     return cached_for_weights("screened_head", head, build=lambda: _build(head))  # None is cached too
 
@@ -96,11 +94,6 @@ def _build(head: nn.Linear) -> ScreenedHead | None:
         return ScreenedHead(head)
     except (RuntimeError, NotImplementedError):  # a build whose fbgemm lacks the float16 kernels
         return None
-
-
-def _fbgemm_engine() -> bool:
-    engines = torch.backends.quantized.supported_engines
-    return any(engine in engines for engine in ("x86", "fbgemm"))
 
 
 def _float16_linear(head: nn.Linear) -> nn.Module:

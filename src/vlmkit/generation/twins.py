@@ -35,6 +35,9 @@ ONEDNN_MIN_BYTES = 32 << 20
 # from 4 rows on a 512 x 1376 matrix, from about 27 on 128 x 512, from 64 on 128 x 128)
 ONEDNN_GEMM_MIN_ROWS = 32
 
+# the largest finite float16: a float16 copy (greedy_head.py, draft.py) needs every weight below it
+FLOAT16_MAX = 65504.0
+
 # (kind, model) -> (weights signature, twin); weak on the model, so a dropped model frees its twins
 _TWINS: dict[str, weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], Any]]] = {}
 
@@ -63,6 +66,11 @@ def onednn_available() -> bool:
     except (RuntimeError, NotImplementedError):  # a build whose oneDNN lacks this kernel on this CPU
         return False
     return bool((out == 8).all())
+
+
+def fbgemm_available() -> bool:
+    """fbgemm's CPU kernels (its float16 GEMM serves ``greedy_head.py`` and ``draft.py``) are built in."""
+    return any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm"))
 
 
 def onednn_twin(model: Any) -> Any | None:
