@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tiny import NumberTokenizer, sharp_llama
 from vlmkit.generation import DecodeOptions, GenerationConfig, generate, greedy_head, twins
 from vlmkit.generation.greedy_head import ScreenedHead, screened_head
 
@@ -96,27 +96,7 @@ def test_only_large_float32_cpu_heads_in_float16_range_are_screened(monkeypatch)
 def lm(monkeypatch) -> Any:
     """A small Llama whose output layer is screened (the threshold lowered to its size)."""
     monkeypatch.setattr(greedy_head, "SCREEN_MIN_BYTES", 0)
-    return _small_llama()
-
-
-def _small_llama() -> Any:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=3000, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.mul_(4.0)  # sharper logits, as a trained model has
-    return model
-
-
-class _Tokenizer:
-    eos_token_id = None
-    pad_token_id = 0
-
-    def decode(self, ids: list[int], **_: Any) -> str:
-        return " ".join(map(str, ids))
+    return sharp_llama(vocab_size=3000)
 
 
 def _generate(lm: Any, *, batch: int, options: DecodeOptions | None = None, **kwargs: Any) -> list[list[int]]:
@@ -124,7 +104,7 @@ def _generate(lm: Any, *, batch: int, options: DecodeOptions | None = None, **kw
     config = GenerationConfig(max_new_tokens=24, **kwargs)
     with torch.no_grad():
         result = generate(lm, inputs_embeds=embeds, attention_mask=torch.ones(batch, 9, dtype=torch.long),
-                          tokenizer=_Tokenizer(), config=config, eos_token_ids=[], options=options)  # fmt: skip
+                          tokenizer=NumberTokenizer(), config=config, eos_token_ids=[], options=options)  # fmt: skip
     return result.token_ids
 
 
@@ -174,7 +154,7 @@ def test_cached_screens_and_drafts_do_not_keep_a_model_alive(monkeypatch) -> Non
     from vlmkit.generation.draft import float16_draft
 
     monkeypatch.setattr(greedy_head, "SCREEN_MIN_BYTES", 0)
-    lm = _small_llama()
+    lm = sharp_llama(vocab_size=3000)
     assert screened_head(lm) is not None and float16_draft(lm) is not None
     model, head = weakref.ref(lm), weakref.ref(lm.lm_head)
     del lm

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tiny import NumberTokenizer, sharp_llama
 from vlmkit.generation import DecodeOptions, GenerationConfig, generate, runner, twins
 from vlmkit.generation.kv_cache import cache_kwarg, new_cache
 from vlmkit.generation.lean_step import lean_hidden
@@ -18,32 +18,14 @@ needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch bui
 
 @pytest.fixture
 def lm() -> Any:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.mul_(4.0)  # sharper logits, as a trained model has
-    return model
-
-
-class _Tokenizer:
-    """Just what ``generate`` needs from a tokenizer when eos ids are given and there are no stop strings."""
-
-    eos_token_id = None
-    pad_token_id = 0
-
-    def decode(self, ids: list[int], **_: Any) -> str:
-        return " ".join(map(str, ids))
+    return sharp_llama(vocab_size=300)
 
 
 def _greedy(lm: Any, *, seed: int, options: DecodeOptions | None = None) -> list[int]:
     embeds = torch.randn(1, 11, 64, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         result = generate(lm, inputs_embeds=embeds, attention_mask=torch.ones(1, 11, dtype=torch.long),
-                          tokenizer=_Tokenizer(), config=GenerationConfig(max_new_tokens=20), eos_token_ids=[],
+                          tokenizer=NumberTokenizer(), config=GenerationConfig(max_new_tokens=20), eos_token_ids=[],
                           options=options)  # fmt: skip
     return result.token_ids[0]
 
@@ -131,7 +113,7 @@ def test_greedy_answers_are_the_same_with_and_without_the_gemm_prefill(lm, monke
         embeds = torch.randn(1, 48, 64, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             return generate(lm, inputs_embeds=embeds, attention_mask=torch.ones(1, 48, dtype=torch.long),
-                            tokenizer=_Tokenizer(), config=GenerationConfig(max_new_tokens=12), eos_token_ids=[],
+                            tokenizer=NumberTokenizer(), config=GenerationConfig(max_new_tokens=12), eos_token_ids=[],
                             ).token_ids[0]  # fmt: skip
 
     calls = []

@@ -162,3 +162,29 @@ def left_padded_embeds(lm, tokenizer, prompts) -> tuple[torch.Tensor, torch.Tens
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
     with torch.no_grad():
         return lm.get_input_embeddings()(padded), mask
+
+
+def sharp_llama(*, vocab_size: int):
+    """A 2-layer GQA Llama (hidden 64, sdpa) with its matrices scaled up: sharper logits, as a trained model has,
+    so greedy answers wander over the vocabulary and exact ties are unlikely."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(4.0)
+    return model
+
+
+class NumberTokenizer:
+    """Just what ``generate`` needs from a tokenizer when eos ids are given and there are no stop strings."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids: list[int], **_) -> str:
+        return " ".join(map(str, ids))
