@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.generation.lean_step import _append
+from vlmkit.generation.lean_step import _append, _rotate_half
 from vlmkit.generation.twins import FLOAT16_MAX, cached_for_weights, fbgemm_available
 
 # ``speculative=None`` (auto) builds a draft only up to this size, and within a quarter of the memory available
@@ -110,18 +110,13 @@ class Float16Draft:
         h = F.rms_norm(x, x.shape[-1:], weight, eps)
         q, k, v = (t.view(1, 1, -1, head_dim).transpose(1, 2)
                    for t in _mm(h, layer["qkv"]).split(layer["split"], dim=-1))  # fmt: skip
-        q, k = _rope(q, cos=cos, sin=sin), _rope(k, cos=cos, sin=sin)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         _append(kv, "keys", k)
         _append(kv, "values", v)
         out = F.scaled_dot_product_attention(
             q, kv.keys, kv.values, scale=layer["scaling"], enable_gqa=layer["gqa"]
         )
         return _mm(out.transpose(1, 2).reshape(1, 1, -1), layer["o"])
-
-
-def _rope(x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def float16_draft(model: Any) -> Float16Draft | None:
