@@ -36,15 +36,16 @@ def test_recipe_learns_colours_well_above_chance(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("objective", "message"),
-    [("pixels", "stage1.objective must be auto, scene or answers"), ("scene", "needs a scenes.jsonl")],
-)
-def test_recipe_stage1_objective_errors(tmp_path, objective, message):
+    ("setting", "message"),
+    [({"objective": "pixels"}, "stage1.objective must be auto, scene or answers"),
+     ({"objective": "scene"}, "needs a scenes.jsonl"), ({"where": "yes"}, "stage1.where must be true or false")],
+)  # fmt: skip
+def test_recipe_stage1_objective_errors(tmp_path, setting, message):
     data = tmp_path / "data"
     generate_dataset(data, n=30, seed=3, tasks=["vqa_colour"])
     (data / "scenes.jsonl").unlink()
     recipe = Recipe.load("tiny-scratch")
-    recipe.stage1["objective"] = objective
+    recipe.stage1.update(setting)
     with pytest.raises(ValueError, match=message):
         run_recipe(recipe=recipe, data=data / "train.json", image_folder=data, out=tmp_path / "model",
                    stage1_steps=1, stage2_steps=1, progress=False)  # fmt: skip
@@ -124,3 +125,45 @@ def test_stage2_budget_keeps_the_whole_run_within_the_recipe_minutes():
         s2 * 1.5 - 2.25
     )
     assert _stage2_minutes(recipe=recipe, scale=1.0, elapsed=10_000.0) == 0.5  # always a little stage 2
+
+
+def test_recipe_tokenizer_gives_every_digit_its_own_token():
+    """Numbers the model must copy off a page come out one digit per token, never as merged "507"-style tokens,
+    even though the training text is full of repeated numbers; text still round-trips exactly."""
+    from vlmkit.training.recipes.tiny_scratch import train_tokenizer
+
+    texts = [f"Total {n}.{n % 97:02d} No {n * 7} on 2024-12-{n % 28 + 1:02d}" for n in range(10, 400)] * 3
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    for text in ("Total 123.45", "ID 87507", "2024-12-27", "No 6249"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces = [tokenizer.decode([i]) for i in ids]
+        assert all(len(p.strip()) == 1 for p in pieces if any(c.isdigit() for c in p)), pieces
+        assert tokenizer.decode(ids) == text
+
+
+def test_split_digits_keeps_every_id_and_only_splits_numbers(tmp_path, monkeypatch):
+    """An existing BPE tokenizer (merged digits, as the shipped model's was) re-pointed at the digit
+    pre-tokenizer: non-numeric text encodes to the same ids, numbers to their single digits, and the change
+    survives save/load."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from vlmkit.training.recipes import tiny_scratch
+
+    texts = [f"invoice No {n} total {n * 3}" for n in range(100, 300)] * 3
+    with monkeypatch.context() as patch:  # the recipe's tokenizer before digits were split
+        patch.setattr(
+            tiny_scratch, "digit_pre_tokenizer", lambda: pre_tokenizers.ByteLevel(add_prefix_space=False)
+        )
+        merged = tiny_scratch.train_tokenizer(texts, vocab_size=400)
+    split_digits = tiny_scratch.split_digits
+    assert any(len(merged.decode([i])) > 1 for i in merged("No 123")["input_ids"][1:])  # merged digits exist
+    before = merged("invoice total", add_special_tokens=False)["input_ids"]
+    split = split_digits(merged)
+    assert split("invoice total", add_special_tokens=False)["input_ids"] == before
+    digit_ids = [split.convert_tokens_to_ids(d) for d in "123"]
+    assert split("123", add_special_tokens=False)["input_ids"] == digit_ids
+    split.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("No 123", add_special_tokens=False)["input_ids"][-3:] == digit_ids
+    assert again.decode(again("No 123")["input_ids"]) == "No 123"

@@ -59,13 +59,37 @@ class Recipe:
         return cls(**data)
 
 
+def digit_pre_tokenizer() -> Any:
+    """Byte-level pre-tokenization that first cuts every digit off on its own (as Llama and Qwen do).
+
+    A BPE vocabulary learned on invoices otherwise merges digits into tokens such as "507", and a small
+    model must then map three glyphs it sees to one of a thousand ids; one token per digit lets it copy.
+    """
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+
+
+def split_digits(tokenizer: Any) -> Any:
+    """``tokenizer`` (a fast byte-level BPE tokenizer) re-pointed at ``digit_pre_tokenizer``, in place.
+
+    Every id keeps its meaning and every text still encodes (single digits are in the byte alphabet);
+    numbers just come out one digit per token. Multi-digit tokens stay in the vocabulary, unused.
+    """
+    tokenizer.backend_tokenizer.pre_tokenizer = digit_pre_tokenizer()
+    return tokenizer
+
+
 def train_tokenizer(texts: list[str], *, vocab_size: int) -> Any:
-    """Byte-level BPE over the data's own text (any string encodes; nothing maps to <unk>)."""
+    """Byte-level BPE over the data's own text (any string encodes; nothing maps to <unk>), one token per
+    digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = digit_pre_tokenizer()
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
@@ -184,6 +208,9 @@ def _stage1(
     objective = s1.get("objective", "auto")
     if objective not in ("auto", "scene", "answers"):
         raise ValueError(f"recipe stage1.objective must be auto, scene or answers, got {objective!r}")
+    where = s1.get("where", False)  # scene labels only: every token must also say where it is
+    if not isinstance(where, bool):
+        raise ValueError(f"recipe stage1.where must be true or false, got {where!r}")
     processor = vlm.processor.image_processor
     options = dict(vision=vlm.model.vision, processor=processor, minutes=minutes, max_steps=steps,
                    batch_size=s1["batch_size"], lr=s1["lr"], weight_decay=s1.get("weight_decay", 0.0), seed=seed,
@@ -199,7 +226,8 @@ def _stage1(
             image_folder=image_folder, processor=processor, patch_size=vlm.model.vision.patch_size,
         )  # fmt: skip
         log(f"stage 1: dense scene labels for {len(labels.images)} images from {scenes_file}")
-        return scene_pretrain.pretrain_vision_on_scenes(labels=labels, **options), labels.skipped
+        stats = scene_pretrain.pretrain_vision_on_scenes(labels=labels, where=where, **options)
+        return stats, labels.skipped
     triples = vision_pretrain.build_triples(records, image_folder=image_folder, tokenizer=vlm.tokenizer,
                                             processor=processor, vocab=len(vlm.tokenizer))  # fmt: skip
     log(f"stage 1: {len(triples.image_index)} question/answer pairs on {len(triples.images)} images")
