@@ -1,0 +1,148 @@
+"""Reproduce vlmkit's shipped default model (src/vlmkit/assets/default-model), every step from nothing.
+
+    python scripts/train_default_model.py --work runs/default-model      # about 3 hours on 2 CPU cores
+
+1. base: ``vlmkit synth --n 200000 --seed 1234 --questions-per-image 6`` and the ``default-model`` recipe
+   (15 min of stage 1, 75 min of stage 2, the tower frozen in stage 2) -- ``vlmkit train --recipe default-model``.
+2. continue: the base model's tokenizer switched to one token per digit (``split_digits``), then two phases
+   (4,900 steps at lr 1e-3, 2,000 at 5e-4; batch 32) on fresh data weighted towards what the base model got
+   wrong (a ``synth`` of only counting, position, relations, documents and multi-image questions, next to one
+   of every task), with the tower training too at 0.3 x the LR.
+3. eval: exact match on ``vlmkit synth --n 15000 --seed 99`` (a seed never trained on), per task.
+
+Each step is skipped when its output already exists, so an interrupted run picks up where it stopped. The
+``--scale`` / ``--*-steps`` options shrink everything for a smoke test (tests/test_train_default_model.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+BASE_DATA = {"n": 200000, "seed": 1234, "questions_per_image": 6}
+WEAK_TASKS = ["vqa_count", "vqa_position", "vqa_relation", "multi_compare", "multi_change", "doc_date", "doc_name",
+              "doc_total", "doc_number"]  # fmt: skip
+# continuation phases: fresh data each, one set of every task next to a bigger one of the weak tasks
+PHASES = {
+    "continue1": {"data": {"all": {"n": 120000, "seed": 2027}, "weak": {"n": 200000, "seed": 2028, "tasks": WEAK_TASKS}},
+                  "steps": 4900, "lr": 1e-3},
+    "continue2": {"data": {"all2": {"n": 60000, "seed": 2031}, "weak2": {"n": 150000, "seed": 2032, "tasks": WEAK_TASKS}},
+                  "steps": 2000, "lr": 5e-4},
+}  # fmt: skip
+SYNTH_COMMON = {"questions_per_image": 6, "test_fraction": 0.01}
+HELD_OUT = {"n": 15000, "seed": 99}
+COMMON = {"batch_size": 32, "vision_lr_scale": 0.3, "warmup_ratio": 0.03, "pack_turns": 8, "seed": 1}
+
+
+def synth(out: Path, *, scale: float, **settings: object) -> Path:
+    """``vlmkit synth`` into ``out`` unless it is already there; ``scale`` shrinks ``n``."""
+    from vlmkit.data.synth import generate_dataset
+
+    if not (out / "synth.json").exists():
+        n = max(30, int(int(settings.pop("n")) * scale))  # type: ignore[call-overload]
+        generate_dataset(out, n=n, **settings)  # type: ignore[arg-type]
+    return out
+
+
+def train_base(work: Path, *, scale: float, stage1_steps: int | None, stage2_steps: int | None) -> Path:
+    """Step 1: the ``default-model`` recipe on its own synth data."""
+    from vlmkit.training.recipes.tiny_scratch import Recipe, run_recipe
+
+    out = work / "base"
+    if not (out / "model.safetensors").exists():
+        data = synth(work / "data" / "base", scale=scale, **BASE_DATA)
+        run_recipe(recipe=Recipe.load("default-model"), data=data / "train.json", image_folder=data, out=out,
+                   stage1_steps=stage1_steps, stage2_steps=stage2_steps, log=print)  # fmt: skip
+    return out
+
+
+def mixed_data(work: Path, *, sets: dict[str, dict[str, object]], scale: float, name: str) -> Path:
+    """A phase's data sets, each packed per image, in one file under a folder that links to all of them."""
+    from vlmkit.data.dataset import read_records
+    from vlmkit.data.packing import pack_by_image, write_records
+
+    folder = work / "data" / f"mix-{name}"
+    packed = folder / "packed.json"
+    if packed.exists():
+        return packed
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for set_name, settings in sets.items():
+        source = synth(work / "data" / set_name, scale=scale, **SYNTH_COMMON, **settings)
+        link = folder / set_name
+        if not link.exists():
+            link.symlink_to(source.resolve(), target_is_directory=True)
+        ours = [dataclasses.replace(r, images=tuple(f"{set_name}/{i}" for i in r.images))
+                for r in read_records(source / "train.json")]  # fmt: skip
+        packs = pack_by_image(ours, max_turns=COMMON["pack_turns"], seed=0)
+        records += [dataclasses.replace(r, id=f"{set_name}-{r.id}") for r in packs]
+    write_records(records, packed)
+    return packed
+
+
+def continue_training(work: Path, *, start: Path, name: str, scale: float, steps: int | None) -> Path:
+    """One continuation phase: one token per digit, the phase's weighted data, the tower unfrozen at a
+    fraction of the LR."""
+    from vlmkit.api import VLM
+    from vlmkit.training.loop import TrainConfig, train
+    from vlmkit.training.recipes.tiny_scratch import split_digits
+    from vlmkit.training.stages import StageConfig
+
+    out = work / name
+    if (out / "model.safetensors").exists():
+        return out
+    phase = PHASES[name]
+    packed = mixed_data(work, sets=phase["data"], scale=scale, name=name)  # type: ignore[arg-type]
+    vlm = VLM.from_pretrained(start)
+    split_digits(vlm.tokenizer)
+    stage = StageConfig(stage="full", freeze_vision=False, lr=phase["lr"],  # type: ignore[arg-type]
+                        lr_scales={"projector": 1.0, "vision": COMMON["vision_lr_scale"]})  # fmt: skip
+    config = TrainConfig(data=packed, out=out, image_folder=packed.parent, stage=stage,
+                         batch_size=COMMON["batch_size"], max_steps=steps or phase["steps"],
+                         warmup_ratio=COMMON["warmup_ratio"], save_every=1000, keep_last=1, log_every=10,
+                         seed=COMMON["seed"], progress=False)  # fmt: skip
+    train(vlm, config)
+    return out
+
+
+def evaluate_model(work: Path, *, model: Path, scale: float) -> dict[str, object]:
+    """Step 3: exact match per task on the held-out seed."""
+    from vlmkit.api import VLM
+    from vlmkit.evaluation.runner import evaluate
+
+    data = synth(work / "data" / "held99", scale=scale, **HELD_OUT)
+    records = json.loads((data / "test.json").read_text(encoding="utf-8"))
+    report = evaluate(VLM.from_pretrained(model), records, image_folder=data, metric="exact_match",
+                      batch_size=16, model=str(model), data=str(data / "test.json"))  # fmt: skip
+    return report.to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="Folder for data, runs and the result.")
+    parser.add_argument("--scale", type=float, default=1.0, help="Shrink every data set's n (smoke tests).")
+    parser.add_argument("--stage1-steps", type=int, help="Fix stage 1's steps instead of its minutes.")
+    parser.add_argument("--stage2-steps", type=int, help="Fix stage 2's steps instead of its minutes.")
+    parser.add_argument("--continue-steps", type=int, help="Fix every continuation phase's steps.")
+    args = parser.parse_args(argv)
+    if not 0 < args.scale <= 1:
+        parser.error(f"--scale must be in (0, 1], got {args.scale}")
+    work = args.work.expanduser()
+    import torch
+
+    torch.set_flush_denormal(True)  # denormals stall small conv/linear layers on CPU (as run_recipe does)
+    base = train_base(work, scale=args.scale, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
+    model = base
+    for name in PHASES:
+        model = continue_training(work, start=model, name=name, scale=args.scale, steps=args.continue_steps)
+    result = evaluate_model(work, model=model, scale=args.scale)
+    (work / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

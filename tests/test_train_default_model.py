@@ -1,0 +1,36 @@
+"""scripts/train_default_model.py, the shipped model's reproduction, end to end at a tiny scale."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import train_default_model as script  # noqa: E402
+
+
+def test_reproduction_script_runs_every_step_and_resumes(tmp_path, capsys):
+    args = ["--work", str(tmp_path), "--scale", "0.0003", "--stage1-steps", "2", "--stage2-steps", "2",
+            "--continue-steps", "2"]  # fmt: skip
+    assert script.main(args) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["metric"] == "exact_match" and result["n"] >= 1 and 0.0 <= result["score"] <= 1.0
+    # the continued model speaks one token per digit, and its data mixes both sets, each image found
+    tokenizer_json = json.loads((tmp_path / "continue2" / "tokenizer.json").read_text())
+    assert "Digits" in json.dumps(tokenizer_json["pre_tokenizer"])
+    packed = json.loads((tmp_path / "data" / "mix-continue1" / "packed.json").read_text())
+    assert {r["id"].split("-")[0] for r in packed} == {"all", "weak"}
+    second = json.loads((tmp_path / "data" / "mix-continue2" / "packed.json").read_text())
+    assert {r["id"].split("-")[0] for r in second} == {"all2", "weak2"}
+    assert all((tmp_path / "data" / "mix-continue1" / image).is_file() for r in packed for image in
+               ([r["image"]] if isinstance(r["image"], str) else r["image"]))  # fmt: skip
+    # a second run finds every output and only evaluates again
+    stamp = (tmp_path / "continue2" / "model.safetensors").stat().st_mtime_ns
+    assert script.main(args) == 0
+    assert (tmp_path / "continue2" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_reproduction_script_rejects_a_bad_scale(tmp_path):
+    with pytest.raises(SystemExit):
+        script.main(["--work", str(tmp_path), "--scale", "2"])
