@@ -157,7 +157,7 @@ def test_split_digits_keeps_every_id_and_only_splits_numbers(tmp_path, monkeypat
         )
         merged = tiny_scratch.train_tokenizer(texts, vocab_size=400)
     split_digits = tiny_scratch.split_digits
-    assert any(len(merged.decode([i])) > 1 for i in merged("No 123")["input_ids"][1:])  # merged digits exist
+    assert any(sum(c.isdigit() for c in token) > 1 for token in merged.tokenize("No 123"))  # merged digits
     before = merged("invoice total", add_special_tokens=False)["input_ids"]
     split = split_digits(merged)
     assert split("invoice total", add_special_tokens=False)["input_ids"] == before
