@@ -38,7 +38,8 @@ def test_recipe_learns_colours_well_above_chance(tmp_path):
 @pytest.mark.parametrize(
     ("setting", "message"),
     [({"objective": "pixels"}, "stage1.objective must be auto, scene or answers"),
-     ({"objective": "scene"}, "needs a scenes.jsonl"), ({"where": "yes"}, "stage1.where must be true or false")],
+     ({"objective": "scene"}, "needs a scenes.jsonl"), ({"where": "yes"}, "stage1.where must be true or false"),
+     ({"objective": "answers", "where": True}, "stage1.where needs scene labels")],
 )  # fmt: skip
 def test_recipe_stage1_objective_errors(tmp_path, setting, message):
     data = tmp_path / "data"

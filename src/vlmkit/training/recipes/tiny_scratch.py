@@ -211,6 +211,8 @@ def _stage1(
     where = s1.get("where", False)  # scene labels only: every token must also say where it is
     if not isinstance(where, bool):
         raise ValueError(f"recipe stage1.where must be true or false, got {where!r}")
+    if where and objective == "answers":
+        raise ValueError("recipe stage1.where needs scene labels (objective auto or scene), not 'answers'")
     processor = vlm.processor.image_processor
     options = dict(vision=vlm.model.vision, processor=processor, minutes=minutes, max_steps=steps,
                    batch_size=s1["batch_size"], lr=s1["lr"], weight_decay=s1.get("weight_decay", 0.0), seed=seed,
@@ -228,6 +230,8 @@ def _stage1(
         log(f"stage 1: dense scene labels for {len(labels.images)} images from {scenes_file}")
         stats = scene_pretrain.pretrain_vision_on_scenes(labels=labels, where=where, **options)
         return stats, labels.skipped
+    if where:
+        log("stage 1: no scenes.jsonl, so stage1.where (a scene-label objective) does not apply")
     triples = vision_pretrain.build_triples(records, image_folder=image_folder, tokenizer=vlm.tokenizer,
                                             processor=processor, vocab=len(vlm.tokenizer))  # fmt: skip
     log(f"stage 1: {len(triples.image_index)} question/answer pairs on {len(triples.images)} images")
