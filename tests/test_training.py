@@ -7,6 +7,7 @@ The data: solid-colour 32x32 images, "What colour is the image?" -> the colour n
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 from vlmkit.api import VLM
 from vlmkit.data.dataset import ConversationDataset, collate, read_records
 from vlmkit.training.checkpoint import FINAL_STATE, TRAINER_FILE
-from vlmkit.training.loop import TokenLoss, TrainConfig, Trainer, train
+from vlmkit.training.loop import TokenLoss, TrainConfig, Trainer, train, where_loss, where_readout
 from vlmkit.training.lora import load_adapters, merge_lora
 from vlmkit.training.stages import StageConfig
 
@@ -175,6 +176,85 @@ def test_options_that_train_the_tower(parts, data, tmp_path, stage, moved):
     assert changed(before, weights(VLM.from_pretrained(tmp_path / "out"))) == moved
     if stage.lora_vision:
         assert (tmp_path / "out" / "adapter" / "vision" / "adapter_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------- where objective
+
+
+@pytest.fixture(scope="module")
+def ramps(tmp_path_factory) -> Path:
+    """Images whose colour runs left to right (red) and top to bottom (green), each with its own blue, so a
+    patch's content says where it is: what a trained tower's tokens carry, and a random tiny one's do not."""
+    root = tmp_path_factory.mktemp("ramps")
+    ramp = torch.linspace(0, 255, 32)
+    for i in range(8):
+        pixels = torch.stack(
+            [ramp.expand(32, 32), ramp[:, None].expand(32, 32), torch.full((32, 32), 30.0 * i)]
+        )
+        Image.fromarray(pixels.permute(1, 2, 0).byte().numpy()).save(root / f"{i}.png")
+    records = [{"id": str(i), "image": f"{i % 8}.png", "conversations": [
+        {"from": "human", "value": QUESTION}, {"from": "gpt", "value": "red"}]} for i in range(16)]  # fmt: skip
+    write_records(root / "train.jsonl", records)
+    return root
+
+
+def where_accuracy(vlm: VLM, data: Path) -> float:
+    """How often the fixed readout names the right grid cell (row and column) of each image token."""
+    pixels = vlm.processor.image_processor([Image.open(data / f"{i}.png") for i in range(8)])
+    with torch.no_grad():
+        features = vlm.model.encode_images(pixels)  # [8, tokens, dim]
+    _, tokens, dim = features.shape
+    grid = math.isqrt(tokens)
+    readout = where_readout(dim=dim, grid=grid, device=features.device)
+    scores = torch.nn.functional.normalize(features.float(), dim=-1) @ readout
+    index = torch.arange(tokens)
+    rows_ok = scores[..., :grid].argmax(-1) == index // grid
+    cols_ok = scores[..., grid:].argmax(-1) == index % grid
+    return float((rows_ok & cols_ok).float().mean())
+
+
+def test_where_loss_is_low_only_for_tokens_that_name_their_cell():
+    grid, dim = 4, 32
+    readout = where_readout(dim=dim, grid=grid, device=torch.device("cpu"))
+    index = torch.arange(grid * grid)
+    placed = readout[:, index // grid].T + readout[:, grid + index % grid].T  # [tokens, dim]
+    assert float(where_loss(placed[None])) < 0.01
+    assert float(where_loss(placed.flip(0)[None])) > 5  # the right directions on the wrong tokens
+    with pytest.raises(ValueError, match="square grid"):
+        where_loss(torch.randn(1, 15, dim))
+    with pytest.raises(ValueError, match="at least 8 dims"):
+        where_loss(torch.randn(1, 16, 6))
+
+
+def test_where_weight_teaches_image_tokens_their_cell_and_leaves_the_logged_loss_alone(
+    parts, ramps, tmp_path
+):
+    assert where_accuracy(fresh(parts), ramps) < 0.5
+    runs = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"w{weight}"
+        train(
+            fresh(parts),
+            config(ramps, out, StageConfig(stage="full", lr=3e-3), where_weight=weight, log_every=1),
+        )
+        runs[weight] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    where = [r["where_loss"] for r in runs[1.0] if "where_loss" in r]
+    # same first batch, same weights: the logged next-token loss does not include the where term
+    assert runs[1.0][0]["loss"] == pytest.approx(runs[0.0][0]["loss"], rel=1e-6)
+    assert all("where_loss" not in r for r in runs[0.0])
+    assert where[-1] < 0.3 * where[0]
+    assert where_accuracy(VLM.from_pretrained(tmp_path / "w1.0"), ramps) > 0.9
+    assert where_accuracy(VLM.from_pretrained(tmp_path / "w0.0"), ramps) < 0.5
+
+
+def test_where_weight_rejects_bad_values_and_a_resampler(parts, data, tmp_path):
+    with pytest.raises(ValueError, match="where_weight"):
+        config(data, tmp_path / "a", StageConfig(stage="full"), where_weight=-1.0).validate()
+    with pytest.raises(ValueError, match="where_weight"):
+        config(data, tmp_path / "b", StageConfig(stage="full"), where_weight=float("nan")).validate()
+    resampler = VLM.build(vision=parts["clip"], language=parts["llama"], projector="resampler")
+    with pytest.raises(ValueError, match="resampler"):
+        Trainer(resampler, config(data, tmp_path / "c", StageConfig(stage="full"), where_weight=0.5))
 
 
 # ------------------------------------------------------------------------------------- exactness, resume
@@ -349,7 +429,7 @@ def test_cli_train_end_to_end(tiny_vlm_dir, data, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--data", data / "bad.jsonl", "--image-folder", data, "--out", out, "--model", tiny_vlm_dir,
             "--stage", "full", "--lr", "3e-3", "--batch-size", "4", "--max-steps", "4", "--eval-data",
-            data / "eval.jsonl", "--eval-every", "2", "--save-every", "2", "--json"]  # fmt: skip
+            data / "eval.jsonl", "--eval-every", "2", "--save-every", "2", "--where-weight", "0.5", "--json"]  # fmt: skip
     result = CliRunner().invoke(cli_app(), [str(a) for a in args])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -357,6 +437,7 @@ def test_cli_train_end_to_end(tiny_vlm_dir, data, tmp_path):
     assert "trainable" in result.stderr and "skipped 2 record(s)" in result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)
+    assert all(r["where_loss"] > 0 for r in rows)
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert VLM.from_pretrained(out).ask(

@@ -117,6 +117,14 @@ def train_command(
     max_length: Annotated[
         int | None, typer.Option("--max-length", min=8, help="Skip longer samples.")
     ] = None,
+    where_weight: Annotated[
+        float,
+        typer.Option(
+            "--where-weight",
+            min=0.0,
+            help="Also teach each image token its row and column on the patch grid, at this weight.",
+        ),
+    ] = 0.0,
     cpu: Annotated[bool, typer.Option("--cpu", help="Train on CPU even when a GPU is present.")] = False,
     fsdp: Annotated[
         bool,
@@ -145,6 +153,7 @@ def train_command(
         eval_data=eval_data, eval_image_folder=eval_image_folder, eval_every=eval_every, save_every=save_every,
         keep_last=keep_last, log_every=log_every, seed=seed, resume=resume, feature_cache=feature_cache,
         feature_cache_dir=feature_cache_dir, workers=workers, max_length=max_length, cpu=cpu, fsdp=fsdp,
+        where_weight=where_weight,
     )  # fmt: skip
     config.validate()
     _check_paths(config)

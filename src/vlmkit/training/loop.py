@@ -81,6 +81,9 @@ class TrainConfig:
     plot: bool = True
     cpu: bool = False
     fsdp: bool = False  # shard with FSDP2 (also on under an accelerate FSDP config); needs >= 2 processes
+    # > 0: each image token, as the LM receives it, must also name its row and column on the tower's patch
+    # grid (a fixed readout, see ``where_loss``), at this weight next to the mean next-token loss
+    where_weight: float = 0.0
 
     def validate(self) -> None:
         self.stage.validate()
@@ -89,6 +92,7 @@ class TrainConfig:
             "log_every": self.log_every >= 1, "epochs": self.epochs > 0, "workers": self.workers >= 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "precision": self.precision in PRECISIONS,
+            "where_weight": math.isfinite(self.where_weight) and self.where_weight >= 0,
         }  # fmt: skip
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -115,6 +119,7 @@ class StepStats:
     target_tokens: int  # tokens scored, all processes
     tokens: int  # non-padding tokens processed, all processes
     grad_norm: float | None = None
+    where_loss: float | None = None  # mean grid-position cross-entropy of this process (where_weight > 0)
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -187,12 +192,19 @@ class TokenLoss(nn.Module):
 
     ``blank_images``: a micro-batch without images still runs the tower on one blank image (at zero weight).
     FSDP needs this for a sharded tower: every process must gather the same units in the same order.
+    ``where_weight`` > 0 adds ``where_loss`` on the image tokens, weighted per target token so that after the
+    trainer's division by the global target count it stands at ``where_weight`` x its mean.
     """
 
-    def __init__(self, model: VisionLanguageModel, *, blank_images: bool = False) -> None:
+    def __init__(
+        self, model: VisionLanguageModel, *, blank_images: bool = False, where_weight: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
         self.blank_images = blank_images
+        self.where_weight = where_weight
+        self.where_part: torch.Tensor | None = None  # the weighted where term inside the last returned loss
+        self.where_mean: torch.Tensor | None = None  # its unweighted mean cross-entropy
 
     def forward(
         self,
@@ -217,6 +229,12 @@ class TokenLoss(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
                             use_cache=False).logits  # fmt: skip
         loss = token_loss_sum(logits, labels=labels)
+        self.where_part = self.where_mean = None
+        if self.where_weight > 0 and image_features is not None:
+            self.where_mean = where_loss(image_features)
+            targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            self.where_part = self.where_weight * targets * self.where_mean
+            loss = loss + self.where_part
         if blank is not None:
             loss = loss + 0.0 * blank.float().sum()
         elif image_features is None and torch.is_grad_enabled():
@@ -231,6 +249,37 @@ class TokenLoss(nn.Module):
             ]
             loss = loss + 0.0 * sum(p.sum() for p in idle) if idle else loss
         return loss
+
+
+def where_readout(*, dim: int, grid: int, device: torch.device) -> torch.Tensor:
+    """A fixed [dim, 2 * grid] readout with orthonormal columns (seeded, so a resumed run gets the same one):
+    no parameters to train, save or shard; the features learn to meet it."""
+    generator = torch.Generator().manual_seed(0)
+    if dim < 2 * grid:
+        raise ValueError(f"where_weight needs image tokens of at least {2 * grid} dims, got {dim}")
+    basis, _ = torch.linalg.qr(torch.randn(dim, 2 * grid, generator=generator))
+    return basis.to(device)
+
+
+def where_loss(features: torch.Tensor, *, temperature: float = 20.0) -> torch.Tensor:
+    """features [images, tokens, dim], the image tokens in the tower's raster order on a square patch grid ->
+    mean cross-entropy (fp32 scalar) of naming each token's row and column from its direction.
+
+    The LM sees image tokens in one sequence with relative positions, so a token's column is its index modulo
+    the grid width, which attention must work out; this makes the column (and row) part of the token itself.
+    The readout is cosine to fixed directions at ``temperature``: the loss saturates once a modest share of
+    the feature points the right way, so the content is not crowded out.
+    """
+    images, tokens, dim = features.shape
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"where_weight needs a square grid of image tokens per image, got {tokens} tokens")
+    readout = where_readout(dim=dim, grid=grid, device=features.device)
+    logits = F.normalize(features.float(), dim=-1) @ readout * temperature  # [images, tokens, 2 * grid]
+    index = torch.arange(tokens, device=features.device)
+    rows, cols = (index // grid).repeat(images), (index % grid).repeat(images)
+    flat = logits.flatten(0, 1)
+    return (F.cross_entropy(flat[:, :grid], rows) + F.cross_entropy(flat[:, grid:], cols)) / 2
 
 
 def token_loss_sum(logits: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
@@ -297,6 +346,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         config.validate()
+        if config.where_weight > 0 and vlm.model.config.projector.type == "resampler":
+            raise ValueError("where_weight needs a projector that keeps the tower's patch grid (linear, mlp); "
+                             "a resampler's queries have no place on it")  # fmt: skip
         self.vlm, self.config, self.on_step = vlm, config, on_step
         self.out = Path(config.out).expanduser()
         self.accelerator = make_accelerator(config)
@@ -314,7 +366,8 @@ class Trainer:
         if self.fsdp:
             self._shard()
         else:
-            self.wrapped, self.optimizer = self.accelerator.prepare(TokenLoss(self.model), self._optimizer())
+            self.token_loss = TokenLoss(self.model, where_weight=config.where_weight)
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.token_loss, self._optimizer())
         self.cache = self._feature_cache()
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.skipped: dict[str, str] = {}
@@ -347,7 +400,9 @@ class Trainer:
         stage = self.config.stage
         # fully_shard moves what it shards to the device, but leaves the ignored (frozen) tower where it is
         self.model.to(self.accelerator.device)
-        self.wrapped = TokenLoss(self.model, blank_images=not stage.vision_frozen)
+        self.wrapped = self.token_loss = TokenLoss(
+            self.model, blank_images=not stage.vision_frozen, where_weight=self.config.where_weight
+        )
         fsdp.shard(self.wrapped, vision=self.model.vision, vision_frozen=stage.vision_frozen)
         self.param_groups = param_groups(self.model, config=stage)
         self.optimizer = self._optimizer()
@@ -430,14 +485,19 @@ class Trainer:
         # DDP averages gradients over processes, so scale by the process count to get a global sum
         scale = self.world / max(targets, 1)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        where = []
         for i, batch in enumerate(batches):
             sync = nullcontext() if i == len(batches) - 1 else self._no_sync()
             with sync:
                 with self.accelerator.autocast():
                     loss = self.wrapped(**self.inputs(batch))
                 self.accelerator.backward(loss * scale)
-            loss_sum += loss.detach().double().cpu()
-        return StepStats(loss_sum=float(self.all_sum(loss_sum)), target_tokens=targets, tokens=tokens)
+            part = self.token_loss.where_part  # the logged loss stays the next-token loss alone
+            loss_sum += (loss.detach() - (0 if part is None else part.detach())).double().cpu()
+            if self.token_loss.where_mean is not None:
+                where.append(float(self.token_loss.where_mean.detach()))
+        return StepStats(loss_sum=float(self.all_sum(loss_sum)), target_tokens=targets, tokens=tokens,
+                         where_loss=sum(where) / len(where) if where else None)  # fmt: skip
 
     def _no_sync(self) -> AbstractContextManager[None]:
         return fsdp.no_sync(self.wrapped) if self.fsdp else self.accelerator.no_sync(self.wrapped)

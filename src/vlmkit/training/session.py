@@ -199,6 +199,8 @@ class RunSession:
                "elapsed_s": round(self.elapsed(), 3)}  # fmt: skip
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
+        if stats.where_loss is not None:
+            row["where_loss"] = round(stats.where_loss, 5)
         self._append_metrics(row)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
