@@ -8,6 +8,9 @@
    (4,900 steps at lr 1e-3, 2,000 at 5e-4; batch 32) on fresh data weighted towards what the base model got
    wrong (a ``synth`` of only counting, position, relations, documents and multi-image questions, next to one
    of every task), with the tower training too at 0.3 x the LR.
+   Then two phases with the where objective on (``where_weight`` 0.5: every image token must also name its
+   row and column on the patch grid) on fresh data weighted to position, relations, counting and both
+   multi-image tasks: 381 steps of a 600-step schedule at 5e-4 (a run stopped by its time limit), then 1,150.
 3. eval: exact match on ``vlmkit synth --n 15000 --seed 99`` (a seed never trained on), per task.
 
 Each step is skipped when its output already exists, so an interrupted run picks up where it stopped. The
@@ -26,11 +29,17 @@ BASE_DATA = {"n": 200000, "seed": 1234, "questions_per_image": 6}
 WEAK_TASKS = ["vqa_count", "vqa_position", "vqa_relation", "multi_compare", "multi_change", "doc_date", "doc_name",
               "doc_total", "doc_number"]  # fmt: skip
 # continuation phases: fresh data each, one set of every task next to a bigger one of the weak tasks
+SPACE_TASKS = ["vqa_position", "vqa_relation", "multi_compare", "multi_change", "vqa_count"]
+SPACE_DATA = {"all3": {"n": 80000, "seed": 3001}, "space3": {"n": 200000, "seed": 3002, "tasks": SPACE_TASKS}}
 PHASES = {
     "continue1": {"data": {"all": {"n": 120000, "seed": 2027}, "weak": {"n": 200000, "seed": 2028, "tasks": WEAK_TASKS}},
                   "steps": 4900, "lr": 1e-3},
     "continue2": {"data": {"all2": {"n": 60000, "seed": 2031}, "weak2": {"n": 150000, "seed": 2032, "tasks": WEAK_TASKS}},
                   "steps": 2000, "lr": 5e-4},
+    # the where objective on (image tokens name their grid cell): a first run stopped by its time limit
+    # partway down a 600-step schedule, then a full one on the same data in another order
+    "where1": {"data": SPACE_DATA, "steps": 381, "schedule_steps": 600, "lr": 5e-4, "where_weight": 0.5},
+    "where2": {"data": SPACE_DATA, "steps": 1150, "lr": 5e-4, "where_weight": 0.5, "seed": 2},
 }  # fmt: skip
 SYNTH_COMMON = {"questions_per_image": 6, "test_fraction": 0.01}
 HELD_OUT = {"n": 15000, "seed": 99}
@@ -87,6 +96,7 @@ def continue_training(work: Path, *, start: Path, name: str, scale: float, steps
     """One continuation phase: one token per digit, the phase's weighted data, the tower unfrozen at a
     fraction of the LR."""
     from vlmkit.api import VLM
+    from vlmkit.models.expand import expand_language_layers
     from vlmkit.training.loop import TrainConfig, train
     from vlmkit.training.recipes.tiny_scratch import split_digits
     from vlmkit.training.stages import StageConfig
@@ -98,12 +108,16 @@ def continue_training(work: Path, *, start: Path, name: str, scale: float, steps
     packed = mixed_data(work, sets=phase["data"], scale=scale, name=name)  # type: ignore[arg-type]
     vlm = VLM.from_pretrained(start)
     split_digits(vlm.tokenizer)
+    if phase.get("expand"):
+        vlm = VLM(model=expand_language_layers(vlm.model), tokenizer=vlm.tokenizer)
     stage = StageConfig(stage="full", freeze_vision=False, lr=phase["lr"],  # type: ignore[arg-type]
                         lr_scales={"projector": 1.0, "vision": COMMON["vision_lr_scale"]})  # fmt: skip
     config = TrainConfig(data=packed, out=out, image_folder=packed.parent, stage=stage,
                          batch_size=COMMON["batch_size"], max_steps=steps or phase["steps"],
+                         schedule_steps=None if steps else phase.get("schedule_steps"),
                          warmup_ratio=COMMON["warmup_ratio"], save_every=1000, keep_last=1, log_every=10,
-                         seed=COMMON["seed"], progress=False)  # fmt: skip
+                         seed=phase.get("seed", COMMON["seed"]), where_weight=phase.get("where_weight", 0.0),
+                         progress=False)  # fmt: skip
     train(vlm, config)
     return out
 

@@ -25,10 +25,14 @@ def test_reproduction_script_runs_every_step_and_resumes(tmp_path):
     assert {r["id"].split("-")[0] for r in second} == {"all2", "weak2"}
     assert all((tmp_path / "data" / "mix-continue1" / image).is_file() for r in packed for image in
                ([r["image"]] if isinstance(r["image"], str) else r["image"]))  # fmt: skip
+    # the where phases train with the grid-cell objective on, logged beside the next-token loss
+    rows = [json.loads(line) for line in (tmp_path / "where2" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["where_loss"] > 0 for r in rows)
+    last = list(script.PHASES)[-1]
     # a second run finds every output and only evaluates again
-    stamp = (tmp_path / "continue2" / "model.safetensors").stat().st_mtime_ns
+    stamp = (tmp_path / last / "model.safetensors").stat().st_mtime_ns
     assert script.main(args) == 0
-    assert (tmp_path / "continue2" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / last / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_reproduction_script_rejects_a_bad_scale(tmp_path):

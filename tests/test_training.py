@@ -312,6 +312,19 @@ def test_max_minutes_stops_cleanly_and_the_run_resumes(parts, data, tmp_path):
     assert train(fresh(parts), cfg).steps == 3
 
 
+def test_schedule_steps_stops_partway_down_a_longer_schedule(parts, data, tmp_path):
+    def lrs(out: Path, **kwargs) -> list[float]:
+        train(fresh(parts), config(data, out, StageConfig(stage="projector"), warmup_ratio=0.2, **kwargs))
+        return [
+            r["lr"]["projector"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        ]
+
+    full = lrs(tmp_path / "full", max_steps=10)
+    assert lrs(tmp_path / "part", max_steps=4, schedule_steps=10) == full[:4]
+    with pytest.raises(ValueError, match="shorter than the run"):
+        lrs(tmp_path / "bad", max_steps=4, schedule_steps=3)
+
+
 def test_accumulation_4x2_equals_batch_8(parts, data, tmp_path):
     """The loss is normalised by the target tokens of the whole accumulated batch, so the split is invisible."""
     # Adam's first step is lr * g / (|g| + eps): for |g| ~ eps it amplifies float noise, hence a small lr

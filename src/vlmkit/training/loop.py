@@ -56,6 +56,9 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     max_steps: int | None = None  # default: ``epochs`` over the data
+    # the LR schedule's length when it differs from the run's: stop at max_steps partway down a longer
+    # schedule (how a time-limited run ended, reproduced by steps); default: the run's own steps
+    schedule_steps: int | None = None
     epochs: float = 1.0
     max_minutes: float | None = None  # stop (checkpoint + save) after this much wall time
     warmup_ratio: float = 0.03
@@ -91,6 +94,7 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1, "keep_last": self.keep_last >= 1,
             "log_every": self.log_every >= 1, "epochs": self.epochs > 0, "workers": self.workers >= 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "schedule_steps": self.schedule_steps is None or self.schedule_steps >= 1,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "precision": self.precision in PRECISIONS,
             "where_weight": math.isfinite(self.where_weight) and self.where_weight >= 0,
         }  # fmt: skip
@@ -422,7 +426,12 @@ class Trainer:
                                   world=self.world, rank=self.rank, seed=config.seed, shuffle=config.shuffle)  # fmt: skip
         per_epoch = len(records) / self.layout.global_batch
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-        self.warmup = int(config.warmup_ratio * self.total_steps)
+        self.schedule_steps = config.schedule_steps or self.total_steps
+        if self.schedule_steps < self.total_steps:
+            raise ValueError(
+                f"schedule_steps={self.schedule_steps} is shorter than the run ({self.total_steps} steps)"
+            )
+        self.warmup = int(config.warmup_ratio * self.schedule_steps)
         self.eval_dataset = None
         if config.eval_data is not None:
             eval_folder = config.eval_image_folder or (config.image_folder or Path(config.eval_data).parent)
@@ -504,7 +513,7 @@ class Trainer:
 
     def optimizer_step(self) -> float | None:
         factor = lr_factor(
-            self.step, total=self.total_steps, warmup=self.warmup, min_ratio=self.config.min_lr_ratio
+            self.step, total=self.schedule_steps, warmup=self.warmup, min_ratio=self.config.min_lr_ratio
         )
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor

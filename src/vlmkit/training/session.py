@@ -246,7 +246,7 @@ class RunSession:
 
     def _scheduler_state(self) -> dict[str, Any]:
         t = self.t
-        return {"type": "warmup_cosine", "step": t.step, "total_steps": t.total_steps, "warmup_steps": t.warmup,
+        return {"type": "warmup_cosine", "step": t.step, "total_steps": t.schedule_steps, "warmup_steps": t.warmup,
                 "min_lr_ratio": self.config.min_lr_ratio,
                 "base_lrs": {g["name"]: g["base_lr"] for g in t.optimizer.param_groups}}  # fmt: skip
 
