@@ -1,6 +1,6 @@
 """Reproduce vlmkit's shipped default model (src/vlmkit/assets/default-model), every step from nothing.
 
-    python scripts/train_default_model.py --work runs/default-model      # about 3 hours on 2 CPU cores
+    python scripts/train_default_model.py --work runs/default-model      # about 5 hours on 2 CPU cores
 
 1. base: ``vlmkit synth --n 200000 --seed 1234 --questions-per-image 6`` and the ``default-model`` recipe
    (15 min of stage 1, 75 min of stage 2, the tower frozen in stage 2) -- ``vlmkit train --recipe default-model``.
@@ -11,6 +11,9 @@
    Then two phases with the where objective on (``where_weight`` 0.5: every image token must also name its
    row and column on the patch grid) on fresh data weighted to position, relations, counting and both
    multi-image tasks: 381 steps of a 600-step schedule at 5e-4 (a run stopped by its time limit), then 1,150.
+   Last, "grow": the LM deepened from 4 to 8 layers by block expansion (``models/expand.py``: each layer
+   followed by a copy with zero output projections, so the model starts out computing exactly what it did),
+   then 330 steps at 5e-4 with the where objective on fresh data weighted to all the weak tasks.
 3. eval: exact match on ``vlmkit synth --n 15000 --seed 99`` (a seed never trained on), per task.
 
 Each step is skipped when its output already exists, so an interrupted run picks up where it stopped. The
@@ -30,6 +33,13 @@ WEAK_TASKS = ["vqa_count", "vqa_position", "vqa_relation", "multi_compare", "mul
               "doc_total", "doc_number"]  # fmt: skip
 # continuation phases: fresh data each, one set of every task next to a bigger one of the weak tasks
 SPACE_TASKS = ["vqa_position", "vqa_relation", "multi_compare", "multi_change", "vqa_count"]
+LAST_TASKS = [
+    *SPACE_TASKS,
+    "doc_date",
+    "doc_name",
+    "doc_total",
+    "doc_number",
+]  # synth's order decides its draws
 SPACE_DATA = {"all3": {"n": 80000, "seed": 3001}, "space3": {"n": 200000, "seed": 3002, "tasks": SPACE_TASKS}}
 PHASES = {
     "continue1": {"data": {"all": {"n": 120000, "seed": 2027}, "weak": {"n": 200000, "seed": 2028, "tasks": WEAK_TASKS}},
@@ -40,6 +50,9 @@ PHASES = {
     # partway down a 600-step schedule, then a full one on the same data in another order
     "where1": {"data": SPACE_DATA, "steps": 381, "schedule_steps": 600, "lr": 5e-4, "where_weight": 0.5},
     "where2": {"data": SPACE_DATA, "steps": 1150, "lr": 5e-4, "where_weight": 0.5, "seed": 2},
+    # the LM grown from 4 to 8 layers (each followed by a silent copy), then more of the same with documents
+    "grow": {"data": {"all4": {"n": 60000, "seed": 3003}, "weak4": {"n": 150000, "seed": 3004, "tasks": LAST_TASKS}},
+             "steps": 330, "lr": 5e-4, "where_weight": 0.5, "seed": 4, "expand": True},
 }  # fmt: skip
 SYNTH_COMMON = {"questions_per_image": 6, "test_fraction": 0.01}
 HELD_OUT = {"n": 15000, "seed": 99}
