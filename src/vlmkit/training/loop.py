@@ -258,11 +258,16 @@ class TokenLoss(nn.Module):
 def where_readout(*, dim: int, grid: int, device: torch.device) -> torch.Tensor:
     """A fixed [dim, 2 * grid] readout with orthonormal columns (seeded, so a resumed run gets the same one):
     no parameters to train, save or shard; the features learn to meet it."""
-    generator = torch.Generator().manual_seed(0)
     if dim < 2 * grid:
         raise ValueError(f"where_weight needs image tokens of at least {2 * grid} dims, got {dim}")
-    basis, _ = torch.linalg.qr(torch.randn(dim, 2 * grid, generator=generator))
-    return basis.to(device)
+    return _orthonormal(dim, 2 * grid).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _orthonormal(rows: int, cols: int) -> torch.Tensor:
+    """Made once per shape, not on every micro-batch."""
+    basis, _ = torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)))
+    return basis
 
 
 def where_loss(features: torch.Tensor, *, temperature: float = 20.0) -> torch.Tensor:
