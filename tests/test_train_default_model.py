@@ -29,6 +29,13 @@ def test_reproduction_script_runs_every_step_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "where2" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["where_loss"] > 0 for r in rows)
     last = list(script.PHASES)[-1]
+    # the last phase grows the LM by block expansion, keeping the tokenizer
+    grown = json.loads((tmp_path / last / "config.json").read_text())["language"]["hf_config"]
+    before = json.loads((tmp_path / "where2" / "config.json").read_text())["language"]["hf_config"]
+    assert grown["num_hidden_layers"] == 2 * before["num_hidden_layers"]
+    assert (tmp_path / last / "tokenizer.json").read_bytes() == (
+        tmp_path / "where2" / "tokenizer.json"
+    ).read_bytes()
     # a second run finds every output and only evaluates again
     stamp = (tmp_path / last / "model.safetensors").stat().st_mtime_ns
     assert script.main(args) == 0
