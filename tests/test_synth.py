@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlmkit.data import synth
-from vlmkit.data.synth import TASKS, generate_dataset, load_scenes, render_scene
+from vlmkit.data.synth import EXTRA_TASKS, TASKS, generate_dataset, load_scenes, render_scene
 from vlmkit.data.synth_render import document_font
 from vlmkit.data.synth_scene import DocumentScene, ShapeScene, sample_document, scene_from_dict
 
@@ -147,6 +147,8 @@ def oracle_multi(question: str, scenes: list[ShapeScene]) -> str:
         counts = [count(scene, m[1]) for scene in scenes]
         assert counts.count(max(counts)) == 1, "tie"
         return f"image {counts.index(max(counts)) + 1}"
+    if m := re.fullmatch(r"How many (.+) are in image (\d)\?", question):
+        return str(count(scenes[int(m[2]) - 1], m[1]))
     assert question == "What changed between the images?"
     first, second = scenes
     (old, new), *others = [(a, b) for a, b in zip(first.shapes, second.shapes, strict=True) if a != b]
@@ -312,6 +314,22 @@ def test_bad_settings_and_foreign_directories(tmp_path):
     generate_dataset(ours, n=20, seed=0)
     generate_dataset(ours, n=5, seed=0, test_fraction=0.0)  # re-running replaces a previous output
     assert len(list((ours / "images/train").iterdir())) == 5 and not list((ours / "images/test").iterdir())
+
+
+def test_opt_in_per_image_counts_match_the_scenes_and_stay_out_of_the_default(tmp_path):
+    """``multi_count`` ("How many circles are in image 2?") is drawn only when named; it follows up comparisons."""
+    assert "multi_count" in EXTRA_TASKS and "multi_count" not in TASKS
+    out = tmp_path / "counts"
+    generate_dataset(out, n=60, seed=4, test_fraction=0.2, tasks=["multi_compare", "multi_count"],
+                     questions_per_image=4)  # fmt: skip
+    assert check_answers(out, "train") == check_answers(out, "test") == {"multi_compare", "multi_count"}
+    asked = {question(r).split("\n")[-1] for r in records(out, "train") if r["task"] == "multi_count"}
+    assert any(" in image 3?" in q for q in asked) and any(q.startswith("How many circles") for q in asked)
+    mixed = [g for g in by_image(records(out, "train")).values() if len({r["task"] for r in g}) == 2]
+    assert mixed, "per-image counts should follow up comparisons of the same images"
+    default = tmp_path / "default"
+    generate_dataset(default, n=60, seed=4, test_fraction=0.2, questions_per_image=4)
+    assert "multi_count" not in {r["task"] for r in records(default, "train") + records(default, "test")}
 
 
 # ------------------------------------------------------------------------------ several questions per image

@@ -28,11 +28,15 @@ def test_reproduction_script_runs_every_step_and_resumes(tmp_path):
     # the where phases train with the grid-cell objective on, logged beside the next-token loss
     rows = [json.loads(line) for line in (tmp_path / "where2" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["where_loss"] > 0 for r in rows)
+
+    # "grow" doubles the LM's layers by block expansion, keeping the tokenizer; the phase after it keeps them
+    def layers(name: str) -> int:
+        return json.loads((tmp_path / name / "config.json").read_text())["language"]["hf_config"][
+            "num_hidden_layers"
+        ]
+
     last = list(script.PHASES)[-1]
-    # the last phase grows the LM by block expansion, keeping the tokenizer
-    grown = json.loads((tmp_path / last / "config.json").read_text())["language"]["hf_config"]
-    before = json.loads((tmp_path / "where2" / "config.json").read_text())["language"]["hf_config"]
-    assert grown["num_hidden_layers"] == 2 * before["num_hidden_layers"]
+    assert layers("grow") == 2 * layers("where2") and layers(last) == layers("grow")
     assert (tmp_path / last / "tokenizer.json").read_bytes() == (
         tmp_path / "where2" / "tokenizer.json"
     ).read_bytes()

@@ -35,9 +35,9 @@ from typing import Any
 
 from vlmkit.data.synth_render import render_scene
 from vlmkit.data.synth_scene import DocumentScene, Scene, Shape, ShapeScene, scene_from_dict
-from vlmkit.data.synth_tasks import TASKS, TaskSample, follow_ups
+from vlmkit.data.synth_tasks import ALL_TASKS, EXTRA_TASKS, TASKS, TaskSample, follow_ups
 
-__all__ = ["TASKS", "DocumentScene", "Scene", "Shape", "ShapeScene", "draw_group", "draw_sample",
+__all__ = ["EXTRA_TASKS", "TASKS", "DocumentScene", "Scene", "Shape", "ShapeScene", "draw_group", "draw_sample",
            "generate_dataset", "load_scenes", "render_scene", "scene_from_dict"]  # fmt: skip
 
 GENERATOR_VERSION = 1
@@ -113,9 +113,11 @@ def check_settings(
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test fraction must be in [0, 1), got {test_fraction}")
     names = list(TASKS) if not tasks else list(dict.fromkeys(tasks))
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in ALL_TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; choose from {', '.join(TASKS)}")
+        raise ValueError(
+            f"unknown task(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_TASKS)}"
+        )
     return names
 
 
@@ -125,7 +127,7 @@ def draw_sample(
     """The scenes, question and answer of one record (a pure function of its arguments)."""
     # a string seed is hashed with SHA-512 by ``random``: stable across processes and platforms
     rng = random.Random(f"vlmkit-synth/{seed}/{split}/{index}/{attempt}")
-    return TASKS[task](rng, image_size)
+    return ALL_TASKS[task](rng, image_size)
 
 
 def draw_group(
@@ -140,7 +142,7 @@ def draw_group(
 ) -> list[TaskSample]:
     """Up to ``questions`` samples about the same scene(s): the anchor task's own sample, then follow-ups."""
     rng = random.Random(f"vlmkit-synth/{seed}/{split}/group{group}/{attempt}")
-    first = TASKS[tasks[group % len(tasks)]](rng, image_size)
+    first = ALL_TASKS[tasks[group % len(tasks)]](rng, image_size)
     return [first, *follow_ups(rng, first, tasks=tasks, count=questions - 1)]
 
 

@@ -251,15 +251,33 @@ def ask_compare(rng: random.Random, scenes: Sequence[ShapeScene]) -> QA | None:
     return f"Which image has {more} {what}?", ORDINAL_IMAGES[counts.index(max(counts))]
 
 
+def ask_image_count(rng: random.Random, scenes: Sequence[ShapeScene]) -> QA:
+    """ "How many circles are in image 2?" -> "1": one image's count, in a set of images."""
+    index = rng.randrange(len(scenes))
+    question, answer = ask_count(rng, scenes[index])
+    what = question.removeprefix("How many ").removesuffix(" are there?")
+    return f"How many {what} are in image {index + 1}?", answer
+
+
+def _compare_scenes(rng: random.Random, size: int) -> tuple[ShapeScene, ...]:
+    return tuple(_shapes(rng, size, 1, 4) for _ in range(rng.choice((2, 3))))
+
+
 def compare_task(rng: random.Random, size: int) -> TaskSample:
     """Two or three images and a comparison of their counts (only when the maximum is unique)."""
 
     def make() -> TaskSample | None:
-        scenes = tuple(_shapes(rng, size, 1, 4) for _ in range(rng.choice((2, 3))))
+        scenes = _compare_scenes(rng, size)
         qa = ask_compare(rng, scenes)
         return None if qa is None else TaskSample("multi_compare", scenes, *qa)
 
     return _retry(make)
+
+
+def image_count_task(rng: random.Random, size: int) -> TaskSample:
+    """The scenes of ``multi_compare`` and the count behind a comparison, for one named image."""
+    scenes = _compare_scenes(rng, size)
+    return TaskSample("multi_count", scenes, *ask_image_count(rng, scenes))
 
 
 def change_task(rng: random.Random, size: int) -> TaskSample:
@@ -299,6 +317,10 @@ TASKS: dict[str, TaskFn] = {
     "multi_compare": compare_task,
     "multi_change": change_task,
 }
+# Opt-in tasks: drawn only when named in ``tasks``, so the default mix (and every set made before them) stays
+# as it was. ``multi_count`` is a training aid: it asks for the per-image counts a comparison rests on.
+EXTRA_TASKS: dict[str, TaskFn] = {"multi_count": image_count_task}
+ALL_TASKS: dict[str, TaskFn] = {**TASKS, **EXTRA_TASKS}
 
 
 # ------------------------------------------------------------------------------------------------ follow-ups
@@ -320,9 +342,12 @@ def _on_one_document(ask: Callable[[random.Random, DocumentScene], QA | None]) -
     return on
 
 
-def _on_several_shape_scenes(rng: random.Random, scenes: tuple[Scene, ...]) -> QA | None:
-    shapes = [scene for scene in scenes if isinstance(scene, ShapeScene)]
-    return ask_compare(rng, shapes) if len(scenes) > 1 and len(shapes) == len(scenes) else None
+def _on_several_shape_scenes(ask: Callable[[random.Random, Sequence[ShapeScene]], QA | None]) -> Ask:
+    def on(rng: random.Random, scenes: tuple[Scene, ...]) -> QA | None:
+        shapes = [scene for scene in scenes if isinstance(scene, ShapeScene)]
+        return ask(rng, shapes) if len(scenes) > 1 and len(shapes) == len(scenes) else None
+
+    return on
 
 
 # Tasks that can ask about the scene(s) of another task's sample; a sample is followed up only by tasks of
@@ -330,7 +355,10 @@ def _on_several_shape_scenes(rng: random.Random, scenes: tuple[Scene, ...]) -> Q
 _FAMILIES: tuple[dict[str, Ask], ...] = (
     {task: _on_one_shape_scene(ask) for task, ask in SHAPE_QUESTIONS.items()},
     {task: _on_one_document(ask_document(task)) for task in _DOC_QUESTIONS},
-    {"multi_compare": _on_several_shape_scenes},
+    {
+        "multi_compare": _on_several_shape_scenes(ask_compare),
+        "multi_count": _on_several_shape_scenes(ask_image_count),
+    },
 )
 
 
