@@ -1,9 +1,9 @@
 """Reproduce vlmkit's shipped default model (src/vlmkit/assets/default-model), every step from nothing.
 
-    python scripts/train_default_model.py --work runs/default-model --workers 6
+    python scripts/train_default_model.py --work runs/default-model   # on a GPU machine add --workers 6
 
-About 7.8 hours on 2 CPU cores up to the last phase, which ran on one GPU (an H200) in 6 minutes: on a
-GPU every phase runs there (accelerate picks the device); on 2 CPU cores the last alone would take about 14 hours.
+About 7.8 hours on 2 CPU cores up to the last phase, which ran on one GPU (an H200) in 6 minutes: on a GPU
+machine every phase runs there (accelerate picks the device); on 2 CPU cores the last alone takes about 14 hours.
 
 1. base: ``vlmkit synth --n 200000 --seed 1234 --questions-per-image 6`` and the ``default-model`` recipe
    (15 min of stage 1, 75 min of stage 2, the tower frozen in stage 2) -- ``vlmkit train --recipe default-model``.
@@ -80,12 +80,13 @@ PHASES = {
     # counting, which multi2 cost (0.98 -> 0.91), back in a short phase at a lower LR
     "count": {"data": COUNT_DATA, "steps": 300, "lr": 3e-4, "where_weight": 0.5, "seed": 9},
     # on a GPU: 4,520 steps of 128 (4.8 epochs of its mix) at 7e-4 in fp32 (TF32 matmuls), 6 minutes there
-    "gpu": {"data": GPU_DATA, "steps": 4520, "lr": 7e-4, "where_weight": 0.5, "seed": 12, "batch_size": 128,
-            "precision": "fp32"},
+    "gpu": {"data": GPU_DATA, "steps": 4520, "lr": 7e-4, "where_weight": 0.5, "seed": 12, "batch_size": 128},
 }  # fmt: skip
 SYNTH_COMMON = {"questions_per_image": 6, "test_fraction": 0.01}
 HELD_OUT = {"n": 15000, "seed": 99}
-COMMON = {"batch_size": 32, "vision_lr_scale": 0.3, "warmup_ratio": 0.03, "pack_turns": 8, "seed": 1}
+# fp32 in every phase, as each ran (the CPU ones and the GPU one), rather than bf16 autocast on a GPU
+COMMON = {"batch_size": 32, "vision_lr_scale": 0.3, "warmup_ratio": 0.03, "pack_turns": 8, "seed": 1,
+          "precision": "fp32"}  # fmt: skip
 
 
 def synth(out: Path, *, scale: float, **settings: object) -> Path:
@@ -161,7 +162,7 @@ def continue_training(
                          schedule_steps=None if steps else phase.get("schedule_steps"),
                          warmup_ratio=COMMON["warmup_ratio"], save_every=1000, keep_last=1, log_every=10,
                          seed=phase.get("seed", COMMON["seed"]), where_weight=phase.get("where_weight", 0.0),
-                         precision=phase.get("precision", "auto"), workers=workers, progress=False)  # fmt: skip
+                         precision=COMMON["precision"], workers=workers, progress=False)  # fmt: skip
     train(vlm, config)
     return out
 
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 1:
         parser.error(f"--scale must be in (0, 1], got {args.scale}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     work = args.work.expanduser()
     import torch
 

@@ -46,6 +46,9 @@ def test_reproduction_script_runs_every_step_and_resumes(tmp_path):
     assert (tmp_path / last / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_reproduction_script_rejects_a_bad_scale(tmp_path):
+@pytest.mark.parametrize("option", [["--scale", "2"], ["--workers", "-1"]])
+def test_reproduction_script_rejects_bad_options(tmp_path, option, capsys):
     with pytest.raises(SystemExit):
-        script.main(["--work", str(tmp_path), "--scale", "2"])
+        script.main(["--work", str(tmp_path), *option])
+    assert option[0] in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
