@@ -61,6 +61,10 @@ GPU_DATA = {"allG": {"n": 150000, "seed": 3101}, "cmpG": {"n": 150000, "seed": 3
             "chgG": {"n": 40000, "seed": 3105, "tasks": ["multi_change"]}}  # fmt: skip
 COUNT_DATA = {"all8": {"n": 40000, "seed": 3013}, "cnt9": {"n": 60000, "seed": 3017, "tasks": ["vqa_count"]},
               "cmp9": {"n": 20000, "seed": 3018, "tasks": ["multi_compare"]}}  # fmt: skip
+# the model had only ever seen images in the first user turn; conversations bring them later (synth_conv.py)
+CHAT_DATA = {"convC": {"n": 30000, "seed": 3201, "conversations": True, "questions_per_image": 1},
+             "allC": {"n": 40000, "seed": 3202}, "cmpC": {"n": 10000, "seed": 3203, "tasks": ["multi_compare"]}}  # fmt: skip
+CHAT_STEPS = 700
 PHASES = {
     "continue1": {"data": {"all": {"n": 120000, "seed": 2027}, "weak": {"n": 200000, "seed": 2028, "tasks": WEAK_TASKS}},
                   "steps": 4900, "lr": 1e-3},
@@ -81,6 +85,9 @@ PHASES = {
     "count": {"data": COUNT_DATA, "steps": 300, "lr": 3e-4, "where_weight": 0.5, "seed": 9},
     # on a GPU: 4,520 steps of 128 (4.8 epochs of its mix) at 7e-4 in fp32 (TF32 matmuls), 6 minutes there
     "gpu": {"data": GPU_DATA, "steps": 4520, "lr": 7e-4, "where_weight": 0.5, "seed": 12, "batch_size": 128},
+    # conversations: images arriving in later turns, follow-ups and "In the first image, ..." references,
+    # mixed with every single-turn task and comparisons so the single-turn table holds (CPU, two shared cores)
+    "chat": {"data": CHAT_DATA, "steps": CHAT_STEPS, "lr": 5e-4, "where_weight": 0.5, "seed": 14},
 }  # fmt: skip
 SYNTH_COMMON = {"questions_per_image": 6, "test_fraction": 0.01}
 HELD_OUT = {"n": 15000, "seed": 99}
@@ -123,7 +130,7 @@ def mixed_data(work: Path, *, sets: dict[str, dict[str, object]], scale: float, 
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for set_name, settings in sets.items():
-        source = synth(work / "data" / set_name, scale=scale, **SYNTH_COMMON, **settings)
+        source = synth(work / "data" / set_name, scale=scale, **(SYNTH_COMMON | settings))
         link = folder / set_name
         if not link.exists():
             link.symlink_to(source.resolve(), target_is_directory=True)
@@ -142,8 +149,9 @@ def continue_training(
     fraction of the LR."""
     from vlmkit.api import VLM
     from vlmkit.models.expand import expand_language_layers
-    from vlmkit.training.loop import TrainConfig, train
+    from vlmkit.training.config import TrainConfig
     from vlmkit.training.recipes.tiny_scratch import split_digits
+    from vlmkit.training.session import train
     from vlmkit.training.stages import StageConfig
 
     out = work / name

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from vlmkit.api import VLM
 from vlmkit.training.checkpoint import FINAL_STATE
-from vlmkit.training.loop import TrainConfig, train
+from vlmkit.training.config import TrainConfig
+from vlmkit.training.session import train
 from vlmkit.training.stages import StageConfig
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
@@ -42,7 +43,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from vlmkit.api import VLM
-    from vlmkit.training.loop import TrainConfig, train
+    from vlmkit.training.config import TrainConfig
+    from vlmkit.training.session import train
     from vlmkit.training.stages import StageConfig
 
     vision, language, root, out, scenarios = sys.argv[1:6]

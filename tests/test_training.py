@@ -25,8 +25,11 @@ from typer.testing import CliRunner
 from vlmkit.api import VLM
 from vlmkit.data.dataset import ConversationDataset, collate, read_records
 from vlmkit.training.checkpoint import FINAL_STATE, TRAINER_FILE
-from vlmkit.training.loop import TokenLoss, TrainConfig, Trainer, train, where_loss, where_readout
+from vlmkit.training.config import TrainConfig
+from vlmkit.training.loop import Trainer
 from vlmkit.training.lora import load_adapters, merge_lora
+from vlmkit.training.objectives import TokenLoss, where_loss, where_readout
+from vlmkit.training.session import RunSession, train
 from vlmkit.training.stages import StageConfig
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
@@ -172,7 +175,7 @@ def test_options_that_train_the_tower(parts, data, tmp_path, stage, moved):
     before = weights(vlm)
     trainer = Trainer(vlm, config(data, tmp_path / "out", stage, max_steps=3))
     assert trainer.cache is None  # a tower that changes cannot be cached
-    trainer.run()
+    RunSession(trainer).run()
     assert changed(before, weights(VLM.from_pretrained(tmp_path / "out"))) == moved
     if stage.lora_vision:
         assert (tmp_path / "out" / "adapter" / "vision" / "adapter_config.json").is_file()
@@ -359,11 +362,11 @@ def test_feature_cache_encodes_each_image_once(parts, data, tmp_path):
     trainer = Trainer(
         fresh(parts), config(data, tmp_path / "out", StageConfig(stage="projector"), max_steps=8)
     )
-    trainer.run()
+    RunSession(trainer).run()
     assert trainer.cache.misses == 4 and trainer.cache.hits == 8 * 4 - 4  # 4 distinct images, 2 epochs of 16
     uncached = Trainer(fresh(parts), config(data, tmp_path / "plain", StageConfig(stage="projector"), max_steps=8,
                                             feature_cache=False))  # fmt: skip
-    uncached.run()
+    RunSession(uncached).run()
     assert uncached.cache is None
     a, b = weights(trainer.vlm), weights(uncached.vlm)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
@@ -384,7 +387,8 @@ DDP_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     from vlmkit.api import VLM
-    from vlmkit.training.loop import TrainConfig, train
+    from vlmkit.training.config import TrainConfig
+    from vlmkit.training.session import train
     from vlmkit.training.stages import StageConfig
 
     vision, language, data, out = sys.argv[1:5]

@@ -31,6 +31,7 @@ from vlmkit.generation.twins import onednn_gemm_twin
 from vlmkit.models.io import ModelDirError, load_weights, read_weights, replace_dir, save_weights
 from vlmkit.models.language import ensure_vocab
 from vlmkit.models.parts import (
+    add_image_token,
     check_model_dir,
     hf_config_dict,
     load_language_model,
@@ -41,7 +42,7 @@ from vlmkit.models.parts import (
 )
 from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.processing.image import ImageInput, ImageProcessor
+from vlmkit.processing.image import ImageInput, ImageProcessor, load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
 from vlmkit.processing.prompting import normalize_messages, pad_batch
 
@@ -75,19 +76,6 @@ def _as_list(images: ImageInput | Sequence[ImageInput] | None) -> list[ImageInpu
     if isinstance(images, str | bytes | Path) or not isinstance(images, Sequence):
         return [images]  # type: ignore[list-item]
     return list(images)
-
-
-def add_image_token(tokenizer: Any, prompt: PromptConfig) -> int:
-    """Register the image placeholder as a special token (idempotent) and give the tokenizer a pad token."""
-    from tokenizers import AddedToken
-
-    if prompt.image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens(
-            [AddedToken(prompt.image_token, special=True, normalized=False)], special_tokens=True
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style tokenizers ship without one
-    return tokenizer.convert_tokens_to_ids(prompt.image_token)
 
 
 @dataclass
@@ -137,13 +125,16 @@ class VLM:
             image_processor=ImageProcessor.from_vision_config(model.config.vision),
             prompt=model.config.prompt,
             num_image_tokens=model.num_image_tokens,
+            anyres=model.anyres,
         )
         self._encoder_identity = ModelIdentity(
-            [model.vision, model.projector],
+            [model.vision, model.projector] + ([model.tiling] if model.tiling is not None else []),
             settings=[repr(model.config.vision), repr(model.config.projector)],
         )
         self._lm_identity = ModelIdentity([model.language_model], settings=repr(model.config.language))
-        self._preprocess_digest = config_digest(self.processor.image_processor.to_dict())
+        self._preprocess_digest = config_digest(
+            self.processor.image_processor.to_dict(), model.anyres.to_dict() if model.anyres else None
+        )
         self.enable_caches(feature_cache_bytes=feature_cache_bytes, feature_cache_dir=feature_cache_dir,
                            feature_cache_disk_bytes=feature_cache_disk_bytes,
                            prefix_cache_bytes=prefix_cache_bytes)  # fmt: skip
@@ -403,24 +394,27 @@ class VLM:
     @torch.inference_mode()
     def _prepare(self, samples: Sequence[Sample], *, config: GenerationConfig | None) -> _Prepared:
         """Tokenize, find reusable prompt KV (batch 1), embed only what is left, with cached image features."""
-        rows = [
-            self.processor.encode_sample(s, add_generation_prompt=True, with_labels=False) for s in samples
-        ]
+        layouts = [self.processor.image_layouts(s.images) for s in samples]  # AnyRes: per image; else None
+        rows = [self.processor.encode_sample(s, add_generation_prompt=True, with_labels=False, layouts=lay)
+                for s, lay in zip(samples, layouts, strict=True)]  # fmt: skip
         batch = pad_batch(rows, pad_token_id=self.processor.pad_token_id, side="left")
         device = self.model.device
         images = [image for s in samples for image in s.images]
+        flat_layouts = None if self.model.anyres is None else [lay for row in layouts for lay in row or []]
         use_prefix = config is not None and self._prefix_applies(batch_size=len(samples), config=config)
-        refs, keys = self._image_keys(images, hashed=use_prefix or self.feature_cache.enabled)
+        refs, keys = self._image_keys(images, hashed=use_prefix or self.feature_cache.enabled, layouts=flat_layouts)
         input_ids, past, on_prefill = batch["input_ids"], None, None
         if use_prefix:
+            counts = self.processor.token_counts(flat_layouts)
             codes = prompt_codes(input_ids[0].numpy(), image_token_id=self.config.prompt.image_token_id,
-                                 image_keys=keys)  # fmt: skip
+                                 image_keys=keys, counts=counts)  # fmt: skip
             past = self.prefix_cache.lookup(codes)
             if past is not None:
-                done = int(np.count_nonzero(codes[: past.length] < 0)) // self.model.num_image_tokens
+                done = _images_before(codes[: past.length], counts=counts, num_images=len(keys))
                 refs, keys, input_ids = refs[done:], keys[done:], input_ids[:, past.length :]
+                flat_layouts = flat_layouts[done:] if flat_layouts is not None else None
             on_prefill = _inserter(self.prefix_cache, codes)
-        features = self._image_features(refs, keys=keys, cache=self.feature_cache.enabled)
+        features = self._image_features(refs, keys=keys, cache=self.feature_cache.enabled, layouts=flat_layouts)
         embeds = self.model.embed(input_ids=input_ids.to(device), image_features=features)
         return _Prepared(
             embeds=embeds, mask=batch["attention_mask"].to(device), past=past, on_prefill=on_prefill
@@ -433,8 +427,13 @@ class VLM:
             self._plain_kv = plain_layers(new_cache(self.model.language_model))
         return self._plain_kv
 
-    def _image_keys(self, images: Sequence[ImageInput], *, hashed: bool) -> tuple[list[ImageRef], list[str]]:
-        """Content keys of the images (and bind the caches to the current weights); unhashed: positional keys."""
+    def _image_keys(
+        self, images: Sequence[ImageInput], *, hashed: bool, layouts: Sequence[Any] | None = None
+    ) -> tuple[list[ImageRef], list[str]]:
+        """Content keys of the images (and bind the caches to the current weights); unhashed: positional keys.
+
+        AnyRes ``layouts`` join the key: one image is tiled alone but not next to others (OneVision).
+        """
         if not hashed:  # no cache will see them: skip hashing, key by position
             keys = [str(i) for i in range(len(images))]
             return [ImageRef(source=image, digest=key) for image, key in zip(images, keys, strict=True)], keys
@@ -444,16 +443,18 @@ class VLM:
         self.feature_cache.bind(encoder)
         self.prefix_cache.bind(f"{encoder}|{self._lm_identity.stamp()}")
         refs = [image_ref(image) for image in images]
+        views = [""] * len(refs) if layouts is None else [f":{lay.grid}" for lay in layouts]
         keys = [
-            feature_key(image_digest=r.digest, encoder=encoder, preprocess=self._preprocess_digest)
-            for r in refs
+            feature_key(image_digest=r.digest + view, encoder=encoder, preprocess=self._preprocess_digest)
+            for r, view in zip(refs, views, strict=True)
         ]
         return refs, keys
 
     def _image_features(
-        self, refs: Sequence[ImageRef], *, keys: Sequence[str], cache: bool
-    ) -> torch.Tensor | None:
-        """[images, tokens, dim] in the order given; each distinct image is encoded at most once."""
+        self, refs: Sequence[ImageRef], *, keys: Sequence[str], cache: bool, layouts: Sequence[Any] | None = None
+    ) -> torch.Tensor | list[torch.Tensor] | None:
+        """[images, tokens, dim] in the order given (AnyRes: a list of [tokens_i, dim]); each distinct image is
+        encoded at most once."""
         if not refs:
             return None
         device = self.model.device
@@ -463,6 +464,14 @@ class VLM:
             if cache and (f := self.feature_cache.get(key, device=device)) is not None
         }
         todo = {key: ref for key, ref in zip(keys, refs, strict=True) if key not in found}
+        if todo and layouts is not None:
+            by_key = dict(zip(keys, layouts, strict=True))
+            encoded = self._encode_tiled([(r, by_key[k]) for k, r in todo.items()])
+            for key, features in zip(todo, encoded, strict=True):
+                found[key] = features
+                if cache:
+                    self.feature_cache.put(key, features)
+            return [found[key] for key in keys]
         if todo:
             image_processor = self.processor.image_processor
             pixels = torch.stack([image_processor.preprocess_one(r.rgb) if r.rgb is not None
@@ -473,6 +482,16 @@ class VLM:
                 if cache:
                     self.feature_cache.put(key, found[key])
         return torch.stack([found[key] for key in keys])
+
+    def _encode_tiled(self, items: Sequence[tuple[ImageRef, Any]]) -> list[torch.Tensor]:
+        """AnyRes: (image, layout) pairs -> one [tokens_i, dim] per image, all at once or one image at a time."""
+        anyres = self.model.anyres
+        tiles = [anyres.preprocess(r.rgb if r.rgb is not None else load_image(r.source),
+                                   tiled=lay.grid != (0, 0)) for r, lay in items]  # fmt: skip
+        layouts = [lay for _, lay in items]
+        if self.encode_mode == "parallel":
+            return self.model.encode_images(torch.cat(tiles), layouts=layouts)
+        return [self.model.encode_images(t, layouts=[lay])[0] for t, lay in zip(tiles, layouts, strict=True)]
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixel_values [n, 3, S, S] -> [n, tokens, dim], all at once or one image at a time."""
@@ -499,6 +518,13 @@ class VLM:
             "dtype": str(m.dtype).replace("torch.", ""),
             "parameters": counts | {"total": sum(counts.values())},
         }
+
+
+def _images_before(codes: np.ndarray, *, counts: int | Sequence[int], num_images: int) -> int:
+    """How many whole images lie in ``codes`` (a reused prompt prefix; image positions have codes < 0)."""
+    seen = int(np.count_nonzero(codes < 0))
+    per_image = [counts] * num_images if isinstance(counts, int) else list(counts)
+    return int(np.searchsorted(np.cumsum(per_image), seen, side="right"))
 
 
 def _inserter(cache: PrefixCache, codes: np.ndarray) -> Callable[[PromptKV], None]:

@@ -26,7 +26,7 @@ from vlmkit.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from vlmkit.training.loop import TrainConfig
+    from vlmkit.training.config import TrainConfig
 
 
 class Stage(str, Enum):
@@ -134,7 +134,8 @@ def train_command(
 ) -> None:
     """Train a model on LLaVA-format conversations and save it (plus checkpoints and metrics) to --out."""
     from vlmkit.data.dataset import read_records
-    from vlmkit.training.loop import TrainConfig, train
+    from vlmkit.training.config import TrainConfig
+    from vlmkit.training.session import train
     from vlmkit.training.stages import StageConfig
 
     if recipe is not None:

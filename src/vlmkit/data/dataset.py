@@ -1,4 +1,4 @@
-"""LLaVA-format conversation data (DESIGN §4): reading, validation, per-sample encoding and collation.
+"""LLaVA-format conversation data (docs/design.md, "Data format"): reading, validation, per-sample encoding and collation.
 
 ``read_records`` parses a JSON array or JSONL file into ``Record``s and fails on the first malformed
 record with a ``DataError`` naming its id and field. ``ConversationDataset`` turns a record into token

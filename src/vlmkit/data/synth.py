@@ -1,4 +1,4 @@
-"""Synthetic LLaVA-format data (DESIGN §4): ``generate_dataset`` writes images and train/test JSON.
+"""Synthetic LLaVA-format data (docs/design.md, "Data format"): ``generate_dataset`` writes images and train/test JSON.
 
 Layout of the output directory::
 
@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlmkit.data.synth_conv import CONVERSATION_TASK, Conversation, check_tasks, draw_conversation
 from vlmkit.data.synth_render import render_scene
 from vlmkit.data.synth_scene import DocumentScene, Scene, Shape, ShapeScene, scene_from_dict
 from vlmkit.data.synth_tasks import ALL_TASKS, EXTRA_TASKS, TASKS, TaskSample, follow_ups
@@ -55,14 +56,17 @@ def generate_dataset(
     test_fraction: float = 0.1,
     tasks: Sequence[str] | None = None,
     questions_per_image: int = 1,
+    conversations: bool = False,
 ) -> dict[str, Any]:
     """Write ``n`` records (``test_fraction`` of them to test.json) under ``out``; return counts per split/task.
 
     ``questions_per_image`` (K) applies to the train split only: up to K records (questions) share each train
     image, and ``n`` still counts records. The test split always has one question per image.
+    ``conversations``: every record is a multi-turn conversation (``synth_conv``) of the single-image tasks
+    among ``tasks``, with 1-3 images arriving in different turns; ``n`` counts conversations.
     """
     task_names = check_settings(n=n, image_size=image_size, test_fraction=test_fraction, tasks=tasks,
-                                questions_per_image=questions_per_image)  # fmt: skip
+                                questions_per_image=questions_per_image, conversations=conversations)  # fmt: skip
     out = Path(out).expanduser()
     _prepare_out(out)
     n_test = min(int(n * test_fraction + 0.5), n - 1)  # round half up; train keeps at least one record
@@ -76,7 +80,7 @@ def generate_dataset(
             per_image = questions_per_image if split == "train" else 1
             for group, images in _draw_split(split=split, count=sizes[split], seed=seed, image_size=image_size,
                                              tasks=task_names, exclude=train_pixels,
-                                             questions_per_image=per_image):  # fmt: skip
+                                             questions_per_image=per_image, conversations=conversations):  # fmt: skip
                 for path, (scene, image) in images.items():
                     image.save(out / path, format="PNG")
                     scenes_file.write(json.dumps({"image": path, "scene": scene.to_dict()}) + "\n")
@@ -89,6 +93,8 @@ def generate_dataset(
                 "image_size": image_size, "test_fraction": test_fraction, "tasks": task_names}  # fmt: skip
     if questions_per_image != 1:  # absent means 1: synth.json of a K = 1 set stays as it always was
         settings["questions_per_image"] = questions_per_image
+    if conversations:  # likewise absent for single-question sets
+        settings["conversations"] = True
     (out / "synth.json").write_text(
         json.dumps(settings | {"counts": counts}, indent=2) + "\n", encoding="utf-8"
     )
@@ -102,12 +108,15 @@ def check_settings(
     test_fraction: float,
     tasks: Sequence[str] | None,
     questions_per_image: int = 1,
+    conversations: bool = False,
 ) -> list[str]:
     """Validate the arguments of ``generate_dataset``; return the task list to use."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if questions_per_image < 1:
         raise ValueError(f"questions per image must be >= 1, got {questions_per_image}")
+    if conversations and questions_per_image != 1:
+        raise ValueError("questions per image does not apply to conversations (each already asks several)")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
     if not 0 <= test_fraction < 1:
@@ -118,7 +127,7 @@ def check_settings(
         raise ValueError(
             f"unknown task(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_TASKS)}"
         )
-    return names
+    return check_tasks(names) if conversations else names
 
 
 def draw_sample(
@@ -177,11 +186,16 @@ def _draw_split(
     tasks: list[str],
     exclude: set[str],
     questions_per_image: int,
+    conversations: bool = False,
 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, tuple[Scene, Any]]]]:
     """(records, {image path: (scene, PIL image)}) for each image (group) of a split, ``count`` records in all.
 
     A draw with an image in ``exclude`` (pixel hashes) is re-drawn with the next attempt.
     """
+    if conversations:
+        yield from _draw_conversations(split=split, count=count, seed=seed, image_size=image_size, tasks=tasks,
+                                       exclude=exclude)  # fmt: skip
+        return
 
     def draw(unit: int, questions: int, attempt: int) -> list[TaskSample]:
         if questions_per_image == 1:  # the original layout: record i has its own RNG and its own image
@@ -202,6 +216,34 @@ def _draw_split(
         name = f"{unit:06d}" if questions_per_image == 1 else f"g{unit:06d}"
         yield _group(split=split, first=index, name=name, samples=samples, images=images)
         index, unit = index + len(samples), unit + 1
+
+
+def _draw_conversations(
+    *, split: str, count: int, seed: int, image_size: int, tasks: list[str], exclude: set[str]
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, tuple[Scene, Any]]]]:
+    """One record per conversation, its own RNG each; re-drawn while any of its images is in ``exclude``."""
+    for index in range(count):
+        for attempt in itertools.count():
+            rng = random.Random(f"vlmkit-synth/{seed}/{split}/conv{index}/{attempt}")
+            conversation = draw_conversation(rng, image_size=image_size, tasks=tasks)
+            images = [render_scene(scene) for scene in conversation.scenes]
+            if not any(pixel_hash(image) in exclude for image in images):
+                break
+        paths = [f"images/{split}/c{index:06d}_{k}.png" for k in range(1, len(images) + 1)]
+        record = conversation_record(conversation, id=f"{split}-{index:06d}", paths=paths)
+        yield [record], dict(zip(paths, zip(conversation.scenes, images, strict=True), strict=True))
+
+
+def conversation_record(conversation: Conversation, *, id: str, paths: list[str]) -> dict[str, Any]:
+    """LLaVA format; an image's ``<image>`` sits in the turn it arrives in. ``turns``: each gpt turn's task,
+    kind (first / new_image / follow_up / reference) and the image (1-based) it is about."""
+    messages, turns = [], []
+    for turn in conversation.turns:
+        question = human_turn(turn.question, num_images=1) if turn.attaches else turn.question
+        messages += [{"from": "human", "value": question}, {"from": "gpt", "value": turn.answer}]
+        turns.append({"task": turn.task, "kind": turn.kind, "image": turn.about + 1})
+    return {"id": id, "task": CONVERSATION_TASK, "image": paths[0] if len(paths) == 1 else paths,
+            "conversations": messages, "turns": turns}  # fmt: skip
 
 
 def _group(
@@ -242,11 +284,16 @@ def _count(records: list[dict[str, Any]]) -> dict[str, Any]:
     images = {
         path for r in records for path in (r["image"] if isinstance(r["image"], list) else [r["image"]])
     }
-    return {
+    counts = {
         "records": len(records),
         "images": len(images),
         "tasks": dict(Counter(r["task"] for r in records)),
     }
+    turns = [turn for r in records for turn in r.get("turns", ())]
+    if turns:  # conversations: their questions by task and by kind
+        counts["turns"] = {"tasks": dict(Counter(t["task"] for t in turns)),
+                           "kinds": dict(Counter(t["kind"] for t in turns))}  # fmt: skip
+    return counts
 
 
 def _prepare_out(out: Path) -> None:

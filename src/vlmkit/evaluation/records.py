@@ -1,7 +1,11 @@
-"""Evaluation records: read LLaVA-format JSON / JSONL (DESIGN §4) and split each into prompt and reference.
+"""Evaluation records: read LLaVA-format JSON / JSONL (docs/design.md, "Data format") and split each into prompt and reference.
 
 The last ``gpt`` turn of a record is its reference (a string, or a list of strings for multi-reference
 metrics); the turns before it are the prompt, so earlier turns of a multi-turn conversation are history.
+``to_items`` scores every ``gpt`` turn instead: one item per turn, the conversation before it (with the
+reference replies as history) as its prompt and only the images whose placeholders that prompt holds. A
+record's optional ``turns`` list (one ``{"task", "kind"}`` per gpt turn, as ``vlmkit synth --conversations``
+writes) labels each turn; items also carry their turn position (1 = the first gpt turn).
 File-level problems (unreadable, not JSON, not a list of objects) are errors; a record that cannot be
 evaluated (no gpt turn, placeholder/image count mismatch, unknown speaker) is skipped with a reason.
 """
@@ -29,6 +33,8 @@ class EvalItem:
     images: tuple[str, ...]  # as written in the record (relative to the image folder)
     messages: tuple[dict[str, str], ...]  # {"role", "content"}: the conversation before the reference
     references: tuple[str, ...]
+    turn: int = 1  # which gpt turn of its record this is (1-based)
+    kind: str | None = None  # the record's label for the turn (e.g. "new_image"), if it has one
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -82,6 +88,37 @@ def to_item(record: dict[str, Any], *, index: int, image_token: str = DATA_IMAGE
     messages = _place_images(messages, num_images=len(images), image_token=image_token)
     return EvalItem(index=index, id=record_id(record, index=index), task=str(record.get("task") or "default"),
                     images=images, messages=tuple(messages), references=_references(turns[last]["value"]))  # fmt: skip
+
+
+def to_items(
+    record: dict[str, Any], *, index: int, image_token: str = DATA_IMAGE_TOKEN, last_only: bool = False
+) -> list[EvalItem]:
+    """One item per ``gpt`` turn (only the last with ``last_only``); raise ``RecordError`` as ``to_item``."""
+    whole = to_item(record, index=index, image_token=image_token)  # validates; images placed in their turns
+    turns = record["conversations"]
+    replies = [i for i, t in enumerate(turns) if _ROLES.get(t.get("from")) == "assistant"]
+    labels = _turn_labels(record, count=len(replies))
+    items = []
+    for k in range(len(replies) - 1 if last_only else 0, len(replies)):
+        messages = whole.messages[: replies[k]]  # whole.messages[i] is turns[i] for every turn before the last
+        if not any(m["role"] == "user" for m in messages):
+            continue  # a reply before any question (e.g. a greeting) is not an answer to score
+        shown = sum(m["content"].count(image_token) for m in messages)
+        items.append(EvalItem(index=index, id=whole.id, task=str(labels[k].get("task") or whole.task),
+                              images=whole.images[:shown], messages=messages,
+                              references=_references(turns[replies[k]]["value"]), turn=k + 1,
+                              kind=labels[k].get("kind")))  # fmt: skip
+    return items
+
+
+def _turn_labels(record: dict[str, Any], *, count: int) -> list[dict[str, Any]]:
+    """The record's ``turns`` labels, one per gpt turn; empty dicts where it has none."""
+    labels = record.get("turns")
+    if labels is None:
+        return [{} for _ in range(count)]
+    if not isinstance(labels, list) or len(labels) != count or not all(isinstance(t, dict) for t in labels):
+        raise RecordError(f"'turns' must be a list of {count} objects, one per gpt turn")
+    return labels
 
 
 def _message(turn: dict[str, Any], *, image_token: str) -> dict[str, str]:

@@ -9,8 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.config import CLIP_MEAN, CLIP_STD, VisionConfig
-from vlmkit.models.io import ModelDirError, check_no_pickle_only
+from vlmkit.config import CLIP_MEAN, CLIP_STD, MAX_JSON_BYTES, PromptConfig, VisionConfig, check_regular_file
+from vlmkit.models.io import ModelDirError, check_no_pickle_only, check_no_remote_code, read_json
+
+# tokenizer files transformers reads itself: each must be a regular file of bounded size (tokenizer.json of the
+# largest vocabularies is ~35 MB)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")  # fmt: skip
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,29 +35,19 @@ _DEFAULT_NORM = {
 }
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelDirError(f"{path.parent}: no {path.name} found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelDirError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path}: expected a JSON object")
-    return data
-
-
 def hf_config_dict(config: Any) -> dict[str, Any]:
     """A transformers config as plain JSON data: only non-default fields, so it stays readable and stable."""
     return json.loads(json.dumps(config.to_diff_dict()))
 
 
 def check_model_dir(directory: str | Path) -> Path:
+    """An existing directory that ships no code to run (every loader starts here)."""
     path = Path(directory).expanduser()
     if not path.exists():
         raise ModelDirError(f"model directory not found: {path}")
     if not path.is_dir():
         raise ModelDirError(f"not a directory: {path}")
+    check_no_remote_code(path)
     return path
 
 
@@ -69,7 +64,7 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
             f"(supported: {', '.join(sorted(set(_VISION_CLASSES)))})"
         )
     check_no_pickle_only(path)
-    return getattr(transformers, class_name).from_pretrained(path, dtype=dtype)
+    return getattr(transformers, class_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
 
 
 def vision_config_for(*, tower: nn.Module, source: str | Path, overrides: dict[str, Any]) -> VisionConfig:
@@ -115,14 +110,30 @@ def load_language_model(source: str | Path, *, dtype: torch.dtype | None = None)
     path = check_model_dir(source)
     read_json(path / "config.json")
     check_no_pickle_only(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
 
 
 def load_tokenizer(source: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     path = check_model_dir(source)
+    for name in TOKENIZER_FILES:
+        if (path / name).exists():
+            check_regular_file(path / name, error=ModelDirError, max_bytes=MAX_JSON_BYTES)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{path}: could not load a tokenizer ({exc})") from None
+
+
+def add_image_token(tokenizer: Any, prompt: PromptConfig) -> int:
+    """Register the image placeholder as a special token (idempotent) and give the tokenizer a pad token."""
+    from tokenizers import AddedToken
+
+    if prompt.image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens(
+            [AddedToken(prompt.image_token, special=True, normalized=False)], special_tokens=True
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style tokenizers ship without one
+    return tokenizer.convert_tokens_to_ids(prompt.image_token)

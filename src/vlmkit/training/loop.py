@@ -24,12 +24,11 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.data.dataset import Batch, ConversationDataset, collate, read_records
@@ -37,265 +36,20 @@ from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.prompting import IGNORE_INDEX
 from vlmkit.training import checkpoint as ckpt
 from vlmkit.training import fsdp
+from vlmkit.training.config import (
+    METRICS_FILE,
+    PLOT_FILE,
+    PRECISIONS,
+    StepStats,
+    TrainConfig,
+    TrainResult,
+    resolve_precision,
+    skipped_summary,
+)
 from vlmkit.training.feature_cache import FeatureCache, encoder_identity
-from vlmkit.training.stages import StageConfig, apply_stage, iter_trainable, param_groups
-
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``vlmkit train`` accepts. Sizes are per process: global batch = batch_size x grad_accum x N."""
-
-    data: Path
-    out: Path
-    image_folder: Path | None = None  # default: the data file's directory
-    stage: StageConfig = field(default_factory=StageConfig)
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int | None = None  # default: ``epochs`` over the data
-    # the LR schedule's length when it differs from the run's: stop at max_steps partway down a longer
-    # schedule (how a time-limited run ended, reproduced by steps); default: the run's own steps
-    schedule_steps: int | None = None
-    epochs: float = 1.0
-    max_minutes: float | None = None  # stop (checkpoint + save) after this much wall time
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    grad_ckpt: bool = False
-    precision: str = "auto"  # auto: bf16-mixed on a bf16 GPU, fp32 on CPU
-    eval_data: Path | None = None
-    eval_image_folder: Path | None = None
-    eval_every: int = 0  # 0: evaluate only at the end (when eval_data is given)
-    save_every: int = 0  # 0: checkpoint only at the end
-    keep_last: int = 2
-    log_every: int = 1
-    seed: int = 0
-    resume: bool = False
-    feature_cache: bool = True  # used only while the tower is frozen
-    feature_cache_dir: Path | None = None  # default: OUT/feature_cache
-    workers: int = 0
-    max_length: int | None = None  # longer samples are skipped (and counted)
-    shuffle: bool = True
-    progress: bool = True
-    plot: bool = True
-    cpu: bool = False
-    fsdp: bool = False  # shard with FSDP2 (also on under an accelerate FSDP config); needs >= 2 processes
-    # > 0: each image token, as the LM receives it, must also name its row and column on the tower's patch
-    # grid (a fixed readout, see ``where_loss``), at this weight next to the mean next-token loss
-    where_weight: float = 0.0
-
-    def validate(self) -> None:
-        self.stage.validate()
-        checks = {
-            "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1, "keep_last": self.keep_last >= 1,
-            "log_every": self.log_every >= 1, "epochs": self.epochs > 0, "workers": self.workers >= 0,
-            "max_steps": self.max_steps is None or self.max_steps >= 1,
-            "schedule_steps": self.schedule_steps is None or self.schedule_steps >= 1,
-            "warmup_ratio": 0 <= self.warmup_ratio < 1, "precision": self.precision in PRECISIONS,
-            "where_weight": math.isfinite(self.where_weight) and self.where_weight >= 0,
-        }  # fmt: skip
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid training option {bad[0]}={getattr(self, bad[0])!r}")
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    steps: int
-    loss: float | None  # mean token loss over the last log interval
-    eval_loss: float | None
-    tokens: int
-    tokens_per_s: float
-    elapsed_s: float
-    stopped: str  # "done" | "max_minutes"
-    skipped: dict[str, str]
-    main_process: bool = True  # False on the other processes of a distributed run
-
-
-@dataclass
-class StepStats:
-    loss_sum: float  # summed token loss over the global batch
-    target_tokens: int  # tokens scored, all processes
-    tokens: int  # non-padding tokens processed, all processes
-    grad_norm: float | None = None
-    where_loss: float | None = None  # mean grid-position cross-entropy of this process (where_weight > 0)
-
-
-# ------------------------------------------------------------------------------------------ data order
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(size: int, *, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
-    if not shuffle:
-        return tuple(range(size))
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(size, generator=generator).tolist())
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """Which records process ``rank`` trains on at each step: its slice of the step's global batch."""
-
-    size: int
-    batch_size: int
-    grad_accum: int
-    world: int
-    rank: int
-    seed: int
-    shuffle: bool = True
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.world
-
-    def step_indices(self, step: int) -> list[list[int]]:
-        """-> grad_accum micro-batches of record indices for this process at optimizer step ``step``."""
-        per_rank = self.batch_size * self.grad_accum
-        start = step * self.global_batch + self.rank * per_rank
-        flat = [self.record(position) for position in range(start, start + per_rank)]
-        return [flat[i : i + self.batch_size] for i in range(0, per_rank, self.batch_size)]
-
-    def record(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
-        return epoch_order(self.size, seed=self.seed, epoch=epoch, shuffle=self.shuffle)[offset]
-
-
-class StepSampler:
-    """A DataLoader batch sampler over steps [start, stop): yields each step's micro-batches in order."""
-
-    def __init__(self, layout: BatchLayout, *, start: int, stop: int) -> None:
-        self.layout, self.start, self.stop = layout, start, stop
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.stop):
-            yield from self.layout.step_indices(step)
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.layout.grad_accum
-
-
-def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` (never exactly 0)."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ------------------------------------------------------------------------------------------------ loss
-
-
-class TokenLoss(nn.Module):
-    """Wraps the VLM so DDP (or FSDP's root unit) sees one forward per micro-batch; returns the summed
-    next-token loss.
-
-    ``blank_images``: a micro-batch without images still runs the tower on one blank image (at zero weight).
-    FSDP needs this for a sharded tower: every process must gather the same units in the same order.
-    ``where_weight`` > 0 adds ``where_loss`` on the image tokens, weighted per target token so that after the
-    trainer's division by the global target count it stands at ``where_weight`` x its mean.
-    """
-
-    def __init__(
-        self, model: VisionLanguageModel, *, blank_images: bool = False, where_weight: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.blank_images = blank_images
-        self.where_weight = where_weight
-        self.where_part: torch.Tensor | None = None  # the weighted where term inside the last returned loss
-        self.where_mean: torch.Tensor | None = None  # its unweighted mean cross-entropy
-
-    def forward(
-        self,
-        *,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        vision_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids/attention_mask/labels [batch, seq]; pixel_values [images, 3, S, S] or
-        vision_features [images, vision_tokens, vision_dim] (cached tower output) -> scalar summed loss."""
-        image_features, blank = None, None
-        if vision_features is not None:
-            projector = self.model.projector
-            image_features = projector(vision_features.to(next(projector.parameters()).dtype))
-        elif pixel_values is not None:
-            image_features = self.model.encode_images(pixel_values)
-        elif self.blank_images:  # before the LM, where a batch with images runs the tower
-            size = self.model.config.vision.image_size
-            blank = self.model.encode_images(torch.zeros((1, 3, size, size), device=input_ids.device))
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
-                            use_cache=False).logits  # fmt: skip
-        loss = token_loss_sum(logits, labels=labels)
-        self.where_part = self.where_mean = None
-        if self.where_weight > 0 and image_features is not None:
-            self.where_mean = where_loss(image_features)
-            targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            self.where_part = self.where_weight * targets * self.where_mean
-            loss = loss + self.where_part
-        if blank is not None:
-            loss = loss + 0.0 * blank.float().sum()
-        elif image_features is None and torch.is_grad_enabled():
-            # text only: the projector (and a trainable tower) took no part. A zero link gives them zero
-            # gradients, so every process reduces the same parameters (DDP without unused-parameter search),
-            # and backward has a graph even when nothing else trains (projector stage)
-            idle = [
-                p
-                for part in (self.model.projector, self.model.vision)
-                for p in part.parameters()
-                if p.requires_grad
-            ]
-            loss = loss + 0.0 * sum(p.sum() for p in idle) if idle else loss
-        return loss
-
-
-def where_readout(*, dim: int, grid: int, device: torch.device) -> torch.Tensor:
-    """A fixed [dim, 2 * grid] readout with orthonormal columns (seeded, so a resumed run gets the same one):
-    no parameters to train, save or shard; the features learn to meet it."""
-    if dim < 2 * grid:
-        raise ValueError(f"where_weight needs image tokens of at least {2 * grid} dims, got {dim}")
-    return _orthonormal(dim, 2 * grid).to(device)
-
-
-@functools.lru_cache(maxsize=8)
-def _orthonormal(rows: int, cols: int) -> torch.Tensor:
-    """Made once per shape, not on every micro-batch."""
-    basis, _ = torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)))
-    return basis
-
-
-def where_loss(features: torch.Tensor, *, temperature: float = 20.0) -> torch.Tensor:
-    """features [images, tokens, dim], the image tokens in the tower's raster order on a square patch grid ->
-    mean cross-entropy (fp32 scalar) of naming each token's row and column from its direction.
-
-    The LM sees image tokens in one sequence with relative positions, so a token's column is its index modulo
-    the grid width, which attention must work out; this makes the column (and row) part of the token itself.
-    The readout is cosine to fixed directions at ``temperature``: the loss saturates once a modest share of
-    the feature points the right way, so the content is not crowded out.
-    """
-    images, tokens, dim = features.shape
-    grid = math.isqrt(tokens)
-    if grid * grid != tokens:
-        raise ValueError(f"where_weight needs a square grid of image tokens per image, got {tokens} tokens")
-    readout = where_readout(dim=dim, grid=grid, device=features.device)
-    logits = F.normalize(features.float(), dim=-1) @ readout * temperature  # [images, tokens, 2 * grid]
-    index = torch.arange(tokens, device=features.device)
-    rows, cols = (index // grid).repeat(images), (index % grid).repeat(images)
-    flat = logits.flatten(0, 1)
-    return (F.cross_entropy(flat[:, :grid], rows) + F.cross_entropy(flat[:, grid:], cols)) / 2
-
-
-def token_loss_sum(logits: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
-    """logits [batch, seq, vocab], labels [batch, seq] -> sum of next-token cross-entropies (fp32 scalar)."""
-    shifted = logits[:, :-1].flatten(0, 1).float()
-    targets = labels[:, 1:].flatten().to(shifted.device)
-    return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+from vlmkit.training.objectives import TokenLoss, token_loss_sum, where_loss, where_readout
+from vlmkit.training.sampling import BatchLayout, StepSampler, epoch_order, lr_factor
+from vlmkit.training.stages import apply_stage, iter_trainable, param_groups
 
 
 def placeholder_batch(*, pad_token_id: int, image_size: int) -> Batch:
@@ -339,15 +93,9 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def resolve_precision(precision: str, *, cpu: bool = False) -> str:
-    if precision != "auto":
-        return precision
-    gpu_bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return "bf16-mixed" if gpu_bf16 else "fp32"
-
-
 class Trainer:
-    """Sets up a run (stage, data, optimizer, cache, resume) and trains it. ``run()`` does everything."""
+    """Sets up a run (stage, data, optimizer, cache, resume) and trains it, one step at a time; ``session.RunSession`` runs it
+    (checks, resume, logging, checkpoints, final save) and ``session.train`` does both."""
 
     def __init__(
         self, vlm: Any, config: TrainConfig, *, on_step: Callable[[int], None] | None = None
@@ -637,14 +385,6 @@ class Trainer:
         model.load_state_dict(state)
         return VLM(model=model, tokenizer=self.vlm.tokenizer)
 
-    # ------------------------------------------------------------------------------------------ the run
-
-    def run(self) -> TrainResult:
-        """Train until ``max_steps`` (or ``max_minutes``), checkpointing, logging and saving as configured."""
-        from vlmkit.training.session import RunSession
-
-        return RunSession(self).run()
-
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between an interrupted run and its resumption."""
         c = self.config
@@ -666,21 +406,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def train(vlm: Any, config: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Train ``vlm`` in place as ``config`` says and write the result to ``config.out``.
-
-    ``on_step(step)`` runs after every optimizer step (and its logging/checkpointing).
-    """
-    return Trainer(vlm, config=config, on_step=on_step).run()
-
-
-def skipped_summary(skipped: dict[str, str], *, limit: int = 5) -> str:
-    """One line per skipped record (the first ``limit``), for the end-of-run report."""
-    lines = [f"skipped {len(skipped)} record(s) with missing/corrupt images or over-long text:"]
-    lines += [f"  {record_id}: {reason}" for record_id, reason in list(skipped.items())[:limit]]
-    if len(skipped) > limit:
-        lines.append(f"  ... and {len(skipped) - limit} more")
-    return "\n".join(lines)
-
-
-__all__ = ["BatchLayout", "StepStats", "TrainConfig", "TrainResult", "Trainer", "train"]
+# re-exported: the loop's vocabulary, defined in the modules of their own concern
+__all__ = [
+    "METRICS_FILE", "PLOT_FILE", "PRECISIONS", "BatchLayout", "StepSampler", "StepStats", "TokenLoss", "TrainConfig",
+    "TrainResult", "Trainer", "epoch_order", "lr_factor", "resolve_precision", "skipped_summary", "token_loss_sum",
+    "where_loss", "where_readout",
+]  # fmt: skip

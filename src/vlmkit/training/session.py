@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,15 +25,16 @@ import torch
 
 from vlmkit.training import checkpoint as ckpt
 from vlmkit.training import fsdp
-from vlmkit.training.loop import (
+from vlmkit.training.config import (
     METRICS_FILE,
     PLOT_FILE,
     StepStats,
-    Trainer,
+    TrainConfig,
     TrainResult,
     resolve_precision,
     skipped_summary,
 )
+from vlmkit.training.loop import Trainer
 from vlmkit.training.stages import parameter_table
 
 # what an output directory may already hold when a fresh (non-resume) run starts in it
@@ -316,3 +317,11 @@ def _line_step(line: str) -> int:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def train(vlm: Any, config: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train ``vlm`` in place as ``config`` says and write the result to ``config.out``.
+
+    ``on_step(step)`` runs after every optimizer step (and its logging/checkpointing).
+    """
+    return RunSession(Trainer(vlm, config=config, on_step=on_step)).run()

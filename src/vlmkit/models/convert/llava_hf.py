@@ -21,7 +21,7 @@ from torch import nn
 
 from vlmkit.config import LanguageConfig, ProjectorConfig, PromptConfig, VisionConfig, VLMConfig
 from vlmkit.models.io import ModelDirError, check_no_pickle_only
-from vlmkit.models.parts import hf_config_dict, load_tokenizer, read_json
+from vlmkit.models.parts import add_image_token, hf_config_dict, load_tokenizer, read_json
 from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -87,16 +87,19 @@ def load_llava_hf(directory: Path, *, raw: dict[str, Any], dtype: torch.dtype | 
     return model.to(language_model.dtype), tokenizer
 
 
-def _load_transformers_llava(directory: Path, *, dtype: torch.dtype | None) -> Any:
-    from transformers import LlavaForConditionalGeneration
+def _load_transformers_llava(directory: Path, *, dtype: torch.dtype | None, class_name: str = "") -> Any:
+    """The checkpoint as transformers' ``class_name`` (default ``LlavaForConditionalGeneration``), all weights present."""
+    import transformers
 
     check_no_pickle_only(directory)
-    llava, info = LlavaForConditionalGeneration.from_pretrained(
+    model_class = getattr(transformers, class_name or "LlavaForConditionalGeneration")
+    llava, info = model_class.from_pretrained(
         directory,
         dtype=dtype if dtype is not None else "auto",
         use_safetensors=True,
         local_files_only=True,
         output_loading_info=True,
+        trust_remote_code=False,
     )
     # transformers only warns about these; a silently re-initialised tensor would be a wrong model
     missing = sorted(set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
@@ -117,7 +120,7 @@ def causal_lm_from_llava(llava: Any, *, source: Path) -> nn.Module:
     # tied in llava <=> tied here, so a vlmkit save/load round trip keeps (or keeps not) the tie
     text_config.tie_word_embeddings = head.weight is base.get_input_embeddings().weight
     with torch.device("meta"):  # only the shell: both of its parts are replaced by llava's below
-        lm = AutoModelForCausalLM.from_config(text_config)
+        lm = AutoModelForCausalLM.from_config(text_config, trust_remote_code=False)
     prefix = lm.base_model_prefix
     if type(getattr(lm, prefix, None)) is not type(base):
         raise ModelDirError(
@@ -208,7 +211,6 @@ def checkpoint_prompt(directory: Path, *, image_token: str, image_token_id: int)
             f"{directory}: the tokenizer maps {image_token!r} to {found}, but config.json says image_token_id="
             f"{image_token_id}"
         )
-    from vlmkit.api import add_image_token  # api imports this package lazily, so no import cycle
 
     prompt = PromptConfig(template="auto", image_token=image_token, image_token_id=image_token_id)
     add_image_token(tokenizer, prompt)  # already there; this only gives a pad token where there is none

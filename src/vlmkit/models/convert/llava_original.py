@@ -9,7 +9,6 @@ embeddings are always replaced by image features).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,21 @@ import torch
 from safetensors import safe_open
 
 from vlmkit.config import LanguageConfig, ProjectorConfig, PromptConfig, VLMConfig
-from vlmkit.models.io import INDEX_NAME, WEIGHTS_NAME, ModelDirError, check_no_pickle_only
-from vlmkit.models.parts import hf_config_dict, load_tokenizer, load_vision_tower, vision_config_for
+from vlmkit.models.io import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    ModelDirError,
+    check_no_pickle_only,
+    read_json,
+    weight_files,
+)
+from vlmkit.models.parts import (
+    add_image_token,
+    hf_config_dict,
+    load_tokenizer,
+    load_vision_tower,
+    vision_config_for,
+)
 from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -60,7 +72,6 @@ def load_llava_original(
     _load_saved_tower(tower, extra, source=directory)
     language_model = _load_language_model(directory, raw=raw, lm_type=lm_type, dtype=dtype)
     tokenizer = load_tokenizer(directory)
-    from vlmkit.api import add_image_token  # api imports this package lazily, so no import cycle
 
     prompt = PromptConfig(template="auto")  # the tokenizer's chat template if it has one, else llava-v1
     prompt.image_token_id = add_image_token(tokenizer, prompt)
@@ -122,6 +133,7 @@ def _load_language_model(
         use_safetensors=True,
         local_files_only=True,
         output_loading_info=True,
+        trust_remote_code=False,
     )
     # unexpected keys are the projector / tower (read separately); missing ones would be random weights
     missing = sorted(info.get("missing_keys", ()))
@@ -133,11 +145,9 @@ def _load_language_model(
 
 def read_prefixed(directory: Path, *, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Only the tensors whose names start with ``prefixes`` (the LM's billions are not read twice)."""
-    check_no_pickle_only(directory)
-    if (directory / WEIGHTS_NAME).exists():
-        files = [directory / WEIGHTS_NAME]
-    else:
-        weight_map = json.loads((directory / INDEX_NAME).read_text())["weight_map"]
+    files = weight_files(directory)  # shard names checked: plain files inside the directory
+    if files != [directory / WEIGHTS_NAME]:
+        weight_map = read_json(directory / INDEX_NAME)["weight_map"]
         files = sorted({directory / f for n, f in weight_map.items() if n.startswith(prefixes)})
     tensors: dict[str, torch.Tensor] = {}
     for path in files:

@@ -262,7 +262,8 @@ def _stage2(
     *, vlm: Any, recipe: Recipe, data: Path, image_folder: Path, out: Path, eval_data: Path | None,
     minutes: float, steps: int | None, seed: int, progress: bool, log: Callable[[str], None],
 ) -> Any:  # fmt: skip
-    from vlmkit.training.loop import TrainConfig, train
+    from vlmkit.training.config import TrainConfig
+    from vlmkit.training.session import train
 
     s2 = recipe.stage2
     stage = _stage2_config(s2)
