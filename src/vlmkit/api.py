@@ -36,11 +36,9 @@ from vlmkit.models.parts import (
     hf_config_dict,
     load_language_model,
     load_tokenizer,
-    load_vision_tower,
     read_json,
-    vision_config_for,
 )
-from vlmkit.models.vision import VisionEncoder
+from vlmkit.models.vision import load_vision
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import ImageInput, ImageProcessor, load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
@@ -214,7 +212,7 @@ class VLM:
     def build(
         cls,
         *,
-        vision: str | Path,
+        vision: str | Path | Sequence[str | Path],
         language: str | Path,
         projector: str | ProjectorConfig = "mlp",
         feature_layer: int = -2,
@@ -230,19 +228,21 @@ class VLM:
     ) -> VLM:
         """Compose a new VLM from a local vision tower dir and a local causal-LM dir (projector freshly initialised).
 
+        ``vision`` is a transformers, open_clip or timm tower dir (``open_clip:DIR`` / ``timm:DIR`` force the
+        library), or a list of them (or ``"A,B"``) for a fused tower (docs/parts.md).
         ``conv_stem`` (channel widths) replaces the tower's patch embedding with a new convolutional stem
         (``models/vision/stem.py``): for towers trained from scratch; it discards a pre-trained patch embedding.
 
         ``options`` are the constructor's inference options (caches, compile, ...).
         """
         torch_dtype = resolve_dtype(dtype)
-        tower = load_vision_tower(vision, dtype=torch_dtype)
-        vision_cfg = vision_config_for(
-            tower=tower,
-            source=vision,
+        encoder = load_vision(
+            vision,
+            dtype=torch_dtype,
             overrides={"feature_layer": feature_layer, "select": select, "image_size": image_size,
                        "resize_mode": resize_mode, "conv_stem": tuple(conv_stem) or None},
         )  # fmt: skip
+        vision_cfg = encoder.config
         language_model = load_language_model(language, dtype=torch_dtype)
         tokenizer = load_tokenizer(language)
         prompt = PromptConfig(template=template, system=system)
@@ -259,7 +259,7 @@ class VLM:
         )
         torch.manual_seed(seed)  # reproducible projector initialisation
         model = VisionLanguageModel(
-            config=config, vision=VisionEncoder(config=vision_cfg, model=tower), language_model=language_model
+            config=config, vision=encoder, language_model=language_model
         )
         return cls(model=model.to(language_model.dtype), tokenizer=tokenizer, **options)
 

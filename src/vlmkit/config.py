@@ -27,6 +27,47 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class TilingConfig:
+    """AnyRes (LLaVA-NeXT / OneVision): a base view plus a grid of tiles at the tower's image size.
+
+    The grid canvases are ``grid_pinpoints`` ((height, width) pairs, multiples of ``vision.image_size``) or, with
+    ``max_tiles``, every rows x cols grid of at most that many tiles.
+    """
+
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    max_tiles: int | None = None
+    # cut the letterbox padding back off the tiles' feature map (LLaVA-NeXT's "spatial_unpad")
+    unpad: bool = True
+    # a learned embedding after every row of the feature map
+    image_newline: bool = True
+    # OneVision's anyres_max_N: a feature map above N tiles' tokens is downsampled bilinearly to about N
+    max_tile_tokens: int | None = None
+    # OneVision: the images of a multi-image prompt get the base view only
+    multi_image_base_only: bool = False
+
+    def pinpoints(self, tile_size: int) -> list[tuple[int, int]]:
+        """The canvases to choose from, as (height, width) pixels."""
+        if self.grid_pinpoints:
+            return [(int(h), int(w)) for h, w in self.grid_pinpoints]
+        n = self.max_tiles or 1
+        grids = [(r, c) for r in range(1, n + 1) for c in range(1, n + 1) if r * c <= n]
+        return [(r * tile_size, c * tile_size) for r, c in grids]
+
+    def validate(self, *, tile_size: int) -> None:
+        _require(bool(self.grid_pinpoints) != (self.max_tiles is not None), "vision.tiling",
+                 "needs exactly one of grid_pinpoints and max_tiles")  # fmt: skip
+        _require(self.max_tiles is None or 1 <= self.max_tiles <= 64, "vision.tiling.max_tiles",
+                 f"must be in 1..64, got {self.max_tiles}")  # fmt: skip
+        for pair in self.grid_pinpoints:
+            ok = len(pair) == 2 and all(v > 0 and v % tile_size == 0 for v in pair)
+            _require(ok, "vision.tiling.grid_pinpoints",
+                     f"must list [height, width] pairs of positive multiples of vision.image_size={tile_size}, "
+                     f"got {list(pair)}")  # fmt: skip
+        _require(self.max_tile_tokens is None or self.max_tile_tokens >= 1, "vision.tiling.max_tile_tokens",
+                 f"must be >= 1, got {self.max_tile_tokens}")  # fmt: skip
+
+
+@dataclass
 class VisionConfig:
     """Vision tower: a transformers vision model plus how its features are read out."""
 
@@ -47,6 +88,8 @@ class VisionConfig:
     # channel widths of a convolutional stem that replaces the tower's patch embedding (one stride-2 3x3 conv
     # each, so 2**len = patch size); empty = the tower's own single-convolution patch embedding
     conv_stem: tuple[int, ...] = ()
+    # AnyRes tiling (LLaVA-NeXT / OneVision); None = one fixed-size view per image
+    tiling: TilingConfig | None = None
 
     def validate(self) -> None:
         _require(
@@ -69,6 +112,8 @@ class VisionConfig:
             "vision.conv_stem",
             f"must list positive channel counts, got {list(self.conv_stem)}",
         )
+        if self.tiling is not None:
+            self.tiling.validate(tile_size=self.image_size)
 
 
 @dataclass

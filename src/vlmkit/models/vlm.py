@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,7 +12,12 @@ from vlmkit.config import VLMConfig
 from vlmkit.models.language import build_language_model
 from vlmkit.models.merge import merge_image_features
 from vlmkit.models.projectors import build_projector
+from vlmkit.models.tiling import TilePacker
 from vlmkit.models.vision import VisionEncoder
+from vlmkit.processing.tiling import AnyRes, TileLayout
+
+# image features: [images, tokens, dim] (fixed size) or one [tokens_i, dim] per image (AnyRes)
+ImageFeatures = torch.Tensor | Sequence[torch.Tensor]
 
 
 def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -46,6 +52,32 @@ class VisionLanguageModel(nn.Module):
         self.projector = build_projector(
             config=config.projector, in_dim=self.vision.hidden_size, out_dim=lm_dim
         )
+        self.tiling = self._tile_packer(lm_dim=lm_dim) if config.vision.tiling is not None else None
+
+    def _tile_packer(self, *, lm_dim: int) -> TilePacker:
+        anyres = AnyRes.from_vision_config(self.config.vision, patch_size=self.vision.patch_size)
+        per_tile = self.vision.num_tokens
+        if per_tile != anyres.side**2 or self.projector.num_output_tokens(per_tile) != per_tile:
+            raise ValueError(
+                f"AnyRes tiling needs one token per patch of a {anyres.side}x{anyres.side} grid through the "
+                f"projector; this tower gives {per_tile} (select={self.config.vision.select!r}) and the "
+                f"{self.config.projector.type!r} projector {self.projector.num_output_tokens(per_tile)}"
+            )
+        return TilePacker(anyres=anyres, lm_dim=lm_dim)
+
+    @property
+    def anyres(self) -> AnyRes | None:
+        """The tiling geometry when the model tiles images (AnyRes), else None."""
+        return self.tiling.anyres if self.tiling is not None else None
+
+    def image_layouts(self, image_sizes: Sequence[Sequence[int]], *, tiled: Sequence[bool] | None = None
+                      ) -> list[TileLayout]:  # fmt: skip
+        """(height, width) per image (+ whether each is tiled) -> its AnyRes layout."""
+        if self.anyres is None:
+            raise ValueError("image layouts exist only for a model with AnyRes tiling")
+        flags = tiled if tiled is not None else [True] * len(image_sizes)
+        return [self.anyres.layout(height=int(h), width=int(w), tiled=t)
+                for (h, w), t in zip(image_sizes, flags, strict=True)]  # fmt: skip
 
     @property
     def image_token_id(self) -> int:
@@ -67,25 +99,36 @@ class VisionLanguageModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.get_input_embeddings().weight.dtype
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [images, 3, S, S] -> LM-space features [images, num_image_tokens, lm_dim]."""
-        features = self.vision(pixel_values.to(self.device))  # [images, vision_tokens, vision_dim]
+    def encode_images(
+        self, pixel_values: torch.Tensor, *, layouts: Sequence[TileLayout] | None = None
+    ) -> ImageFeatures:
+        """pixel_values [images, 3, S, S] -> LM-space features [images, num_image_tokens, lm_dim].
+
+        With AnyRes tiling: pixel_values [all tiles, 3, S, S] (per image its base view, then its tiles) and one
+        layout per image -> a list of [tokens_i, lm_dim].
+        """
+        if (self.tiling is None) != (layouts is None):
+            raise ValueError("tile layouts are needed exactly when the model tiles images (AnyRes)")
+        features = self.vision(pixel_values.to(self.device))  # [images or tiles, vision_tokens, vision_dim]
         projector_dtype = next(self.projector.parameters()).dtype
-        return self.projector(features.to(projector_dtype))
+        projected = self.projector(features.to(projector_dtype))
+        return projected if self.tiling is None else self.tiling(projected, layouts=layouts)
 
     def embed(
         self,
         *,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
+        image_layouts: Sequence[TileLayout] | None = None,
     ) -> torch.Tensor:
         """input_ids [batch, seq] (+ images) -> inputs_embeds [batch, seq, lm_dim] with images spliced in.
 
-        Pass ``image_features`` (from ``encode_images``, e.g. a cache) instead of ``pixel_values`` to skip encoding.
+        Pass ``image_features`` (from ``encode_images``, e.g. a cache) instead of ``pixel_values`` to skip encoding;
+        ``image_layouts`` go with ``pixel_values`` of an AnyRes model.
         """
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, layouts=image_layouts)
         image_id = self.config.prompt.image_token_id
         is_image = (
             input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
@@ -107,19 +150,21 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
+        image_layouts: Sequence[TileLayout] | None = None,
         labels: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> Any:
         """input_ids [batch, seq], attention_mask [batch, seq], pixel_values [images, 3, S, S], labels [batch, seq].
 
+        An AnyRes model takes pixel_values [all tiles, 3, S, S] with ``image_layouts`` (one per image).
+
         Returns the language model's output (``.logits`` [batch, seq, vocab], ``.loss`` when labels are given).
         Without explicit ``position_ids`` they are derived from the mask, as transformers' ``generate`` does.
         """
         device = self.device
-        embeds = self.embed(
-            input_ids=input_ids.to(device), pixel_values=pixel_values, image_features=image_features
-        )
+        embeds = self.embed(input_ids=input_ids.to(device), pixel_values=pixel_values,
+                            image_features=image_features, image_layouts=image_layouts)  # fmt: skip
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
             if (

@@ -243,6 +243,10 @@ class ImageProcessor:
         top, left = (height - size) // 2, (width - size) // 2
         return pixels[top : top + size, left : left + size]
 
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> normalised float32 [H, W, 3] (e.g. AnyRes tiles already at S x S)."""
+        return self._normalise(pixels)
+
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 HWC -> float32 HWC, with transformers' exact arithmetic (x * (1/255) in float64, then
         float32 ``(x - mean) / std``) so results are bit-identical to its processors."""

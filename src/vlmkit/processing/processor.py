@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vlmkit.config import PromptConfig
-from vlmkit.processing.image import ImageInput, ImageProcessor
+from vlmkit.processing.image import ImageInput, ImageProcessor, load_image
 from vlmkit.processing.prompting import (
     EncodedPrompt,
     Message,
@@ -19,6 +19,7 @@ from vlmkit.processing.prompting import (
     pad_batch,
     resolve_template,
 )
+from vlmkit.processing.tiling import AnyRes, TileLayout
 
 
 @dataclass
@@ -33,12 +34,20 @@ class VLMProcessor:
     """Tokenizer + image processor + prompt settings of one model."""
 
     def __init__(
-        self, *, tokenizer: Any, image_processor: ImageProcessor, prompt: PromptConfig, num_image_tokens: int
+        self,
+        *,
+        tokenizer: Any,
+        image_processor: ImageProcessor,
+        prompt: PromptConfig,
+        num_image_tokens: int,
+        anyres: AnyRes | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.prompt = prompt
+        # tokens per image; with AnyRes tiling the tokens of the base view alone (each image has its own count)
         self.num_image_tokens = num_image_tokens
+        self.anyres = anyres
         self.template = resolve_template(prompt.template, tokenizer)
         if tokenizer.convert_tokens_to_ids(prompt.image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(
@@ -62,16 +71,38 @@ class VLMProcessor:
                 "were given"
             )
 
+    def image_layouts(self, images: Sequence[ImageInput]) -> list[TileLayout] | None:
+        """AnyRes: each image's tiling (from its upright size; the images of one prompt); otherwise None."""
+        if self.anyres is None:
+            return None
+        tiled = self.anyres.tiles_for(num_images=len(images))
+        sizes = [_upright_size(image) for image in images]
+        return [self.anyres.layout(height=h, width=w, tiled=tiled) for h, w in sizes]
+
+    def token_counts(self, layouts: Sequence[TileLayout] | None) -> int | list[int]:
+        """Image tokens per placeholder: one count for all, or one per image (AnyRes layouts)."""
+        if layouts is None:
+            return self.num_image_tokens
+        return [self.anyres.num_tokens(layout) for layout in layouts]  # type: ignore[union-attr]
+
     def encode_sample(
-        self, sample: Sample, *, add_generation_prompt: bool, with_labels: bool
+        self,
+        sample: Sample,
+        *,
+        add_generation_prompt: bool,
+        with_labels: bool,
+        layouts: Sequence[TileLayout] | None = None,
     ) -> EncodedPrompt:
+        """Tokens (+ labels) of one sample; AnyRes ``layouts`` are computed from the images when not given."""
         self.check_placeholders(sample.messages, num_images=len(sample.images))
+        if layouts is None:
+            layouts = self.image_layouts(sample.images)
         return encode(
             sample.messages,
             tokenizer=self.tokenizer,
             template=self.template,
             image_token=self.prompt.image_token,
-            num_image_tokens=self.num_image_tokens,
+            num_image_tokens=self.token_counts(layouts),
             system=self.prompt.system,
             add_generation_prompt=add_generation_prompt,
             with_labels=with_labels,
@@ -84,8 +115,15 @@ class VLMProcessor:
         padding_side: str = "left",
         add_generation_prompt: bool = True,
         with_labels: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """-> input_ids [batch, seq], attention_mask [batch, seq], pixel_values [images, 3, S, S], labels [batch, seq]."""
+    ) -> dict[str, Any]:
+        """-> input_ids [batch, seq], attention_mask [batch, seq], pixel_values [images, 3, S, S], labels [batch, seq].
+
+        AnyRes: pixel_values [all tiles, 3, S, S] (per image its base view, then its tiles), ``image_sizes``
+        [images, 2] (height, width) and ``image_layouts`` (one per image, for ``VisionLanguageModel.forward``).
+        """
+        if self.anyres is not None:
+            return self._call_anyres(samples, padding_side=padding_side,
+                                     add_generation_prompt=add_generation_prompt, with_labels=with_labels)  # fmt: skip
         rows = [
             self.encode_sample(s, add_generation_prompt=add_generation_prompt, with_labels=with_labels)
             for s in samples
@@ -94,3 +132,29 @@ class VLMProcessor:
         images = [image for s in samples for image in s.images]
         batch["pixel_values"] = self.image_processor(images)
         return batch
+
+    def _call_anyres(
+        self, samples: Sequence[Sample], *, padding_side: str, add_generation_prompt: bool, with_labels: bool
+    ) -> dict[str, Any]:
+        rows, pixels, layouts = [], [], []
+        for sample in samples:
+            images = [load_image(image) for image in sample.images]
+            sample_layouts = self.image_layouts(images)
+            rows.append(self.encode_sample(Sample(messages=sample.messages, images=images),
+                                           add_generation_prompt=add_generation_prompt, with_labels=with_labels,
+                                           layouts=sample_layouts))  # fmt: skip
+            for image, layout in zip(images, sample_layouts or [], strict=True):
+                pixels.append(self.anyres.preprocess(image, tiled=layout.grid != (0, 0)))  # type: ignore[union-attr]
+            layouts += sample_layouts or []
+        batch: dict[str, Any] = pad_batch(rows, pad_token_id=self.pad_token_id, side=padding_side)
+        size = self.image_processor.image_size
+        batch["pixel_values"] = torch.cat(pixels) if pixels else torch.empty((0, 3, size, size))
+        batch["image_sizes"] = torch.tensor([[lay.height, lay.width] for lay in layouts], dtype=torch.long)
+        batch["image_layouts"] = layouts
+        return batch
+
+
+def _upright_size(image: ImageInput) -> tuple[int, int]:
+    """(height, width) of the image as preprocessing sees it (EXIF-rotated RGB)."""
+    rgb = load_image(image)
+    return rgb.height, rgb.width

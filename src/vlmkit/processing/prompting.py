@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -229,12 +230,15 @@ def encode(
     tokenizer: Any,
     template: str,
     image_token: str,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     system: str | None = None,
     add_generation_prompt: bool,
     with_labels: bool = False,
 ) -> EncodedPrompt:
-    """Render, expand image placeholders and tokenize in one call; labels mark only assistant replies."""
+    """Render, expand image placeholders and tokenize in one call; labels mark only assistant replies.
+
+    ``num_image_tokens`` is one count for every image, or one count per image in order (AnyRes).
+    """
     image_id = _image_token_id(tokenizer, image_token)
     rendered = render(
         messages,
@@ -244,7 +248,10 @@ def encode(
         add_generation_prompt=add_generation_prompt,
     )
     num_images = count_placeholders(rendered.text, image_token=image_token)
-    text, spans = _expand_with_spans(rendered, image_token=image_token, num_tokens=num_image_tokens)
+    counts = [num_image_tokens] * num_images if isinstance(num_image_tokens, int) else list(num_image_tokens)
+    if len(counts) != num_images:
+        raise ValueError(f"{num_images} {image_token} placeholders but {len(counts)} image token counts")
+    text, spans = _expand_with_spans(rendered, image_token=image_token, counts=counts)
     bos = getattr(tokenizer, "bos_token", None)
     # like transformers: a template that writes the BOS itself must not get a second one
     add_special = not (bos and text.startswith(bos))
@@ -252,10 +259,10 @@ def encode(
         raise ValueError("labels need a fast tokenizer (offset mapping); load it with use_fast=True")
     enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=with_labels)
     ids = list(enc["input_ids"])
-    if ids.count(image_id) != num_images * num_image_tokens:
+    if ids.count(image_id) != sum(counts):
         raise ValueError(
-            f"expected {num_images * num_image_tokens} image tokens ({num_images} x {num_image_tokens}) after "
-            f"tokenization but found {ids.count(image_id)}; {image_token!r} must tokenize as a single token"
+            f"expected {sum(counts)} image tokens ({num_images} images) after tokenization but found "
+            f"{ids.count(image_id)}; {image_token!r} must tokenize as a single token"
         )
     labels = _labels(ids, enc["offset_mapping"], spans, image_id=image_id) if with_labels else None
     return EncodedPrompt(input_ids=ids, labels=labels, num_images=num_images)
@@ -273,15 +280,19 @@ def _image_token_id(tokenizer: Any, image_token: str) -> int:
 
 
 def _expand_with_spans(
-    rendered: RenderedPrompt, *, image_token: str, num_tokens: int
+    rendered: RenderedPrompt, *, image_token: str, counts: Sequence[int]
 ) -> tuple[str, list[tuple[int, int]]]:
-    """``expand_image_tokens`` that also shifts the assistant spans by the characters inserted before them."""
+    """Placeholder k -> ``counts[k]`` image tokens; the assistant spans shift by the characters inserted before them."""
+    if any(n < 1 for n in counts):
+        raise ValueError(f"image token counts must be >= 1, got {list(counts)}")
     text = rendered.text
-    grow = len(image_token) * (num_tokens - 1)
-    expanded = expand_image_tokens(text, image_token=image_token, num_tokens=num_tokens)
+    pieces = text.split(image_token)
+    tails = zip(counts, pieces[1:], strict=True)
+    expanded = pieces[0] + "".join(image_token * n + piece for n, piece in tails)
+    grown = [len(image_token) * (n - 1) for n in counts]
 
     def shift(pos: int) -> int:
-        return pos + grow * text.count(image_token, 0, pos)
+        return pos + sum(grown[: text.count(image_token, 0, pos)])
 
     return expanded, [(shift(s), shift(e)) for s, e in rendered.assistant_spans]
 
