@@ -419,7 +419,7 @@ def test_original_llava_without_vision_tower_is_refused_with_the_hint(hf_model, 
 
 @pytest.mark.parametrize(
     "config",
-    [{"model_type": "llava_next", "image_grid_pinpoints": [[336, 672]]},
+    [{"model_type": "llava_next_video", "image_grid_pinpoints": [[336, 672]]},
      {"model_type": "llava_llama", "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "anyres"}],
 )  # fmt: skip
 def test_anyres_checkpoints_are_refused(tmp_path, config):

@@ -402,7 +402,8 @@ class VLM:
         images = [image for s in samples for image in s.images]
         flat_layouts = None if self.model.anyres is None else [lay for row in layouts for lay in row or []]
         use_prefix = config is not None and self._prefix_applies(batch_size=len(samples), config=config)
-        refs, keys = self._image_keys(images, hashed=use_prefix or self.feature_cache.enabled, layouts=flat_layouts)
+        hashed = use_prefix or self.feature_cache.enabled
+        refs, keys = self._image_keys(images, hashed=hashed, layouts=flat_layouts)
         input_ids, past, on_prefill = batch["input_ids"], None, None
         if use_prefix:
             counts = self.processor.token_counts(flat_layouts)
@@ -414,7 +415,8 @@ class VLM:
                 refs, keys, input_ids = refs[done:], keys[done:], input_ids[:, past.length :]
                 flat_layouts = flat_layouts[done:] if flat_layouts is not None else None
             on_prefill = _inserter(self.prefix_cache, codes)
-        features = self._image_features(refs, keys=keys, cache=self.feature_cache.enabled, layouts=flat_layouts)
+        cache = self.feature_cache.enabled
+        features = self._image_features(refs, keys=keys, cache=cache, layouts=flat_layouts)
         embeds = self.model.embed(input_ids=input_ids.to(device), image_features=features)
         return _Prepared(
             embeds=embeds, mask=batch["attention_mask"].to(device), past=past, on_prefill=on_prefill
@@ -451,7 +453,12 @@ class VLM:
         return refs, keys
 
     def _image_features(
-        self, refs: Sequence[ImageRef], *, keys: Sequence[str], cache: bool, layouts: Sequence[Any] | None = None
+        self,
+        refs: Sequence[ImageRef],
+        *,
+        keys: Sequence[str],
+        cache: bool,
+        layouts: Sequence[Any] | None = None,
     ) -> torch.Tensor | list[torch.Tensor] | None:
         """[images, tokens, dim] in the order given (AnyRes: a list of [tokens_i, dim]); each distinct image is
         encoded at most once."""
@@ -471,6 +478,7 @@ class VLM:
                 found[key] = features
                 if cache:
                     self.feature_cache.put(key, features)
+        if layouts is not None:  # AnyRes: counts differ per image
             return [found[key] for key in keys]
         if todo:
             image_processor = self.processor.image_processor

@@ -24,17 +24,23 @@ from vlmkit.generation.kv_cache import PromptKV
 
 
 def prompt_codes(
-    input_ids: Sequence[int] | np.ndarray, *, image_token_id: int | None, image_keys: Sequence[str]
+    input_ids: Sequence[int] | np.ndarray,
+    *,
+    image_token_id: int | None,
+    image_keys: Sequence[str],
+    counts: int | Sequence[int] | None = None,
 ) -> np.ndarray:
     """input_ids [seq] -> codes [seq] int64: text ids as they are, the k-th image's tokens -> code of image k.
 
-    Image tokens come in equal runs (one per image, in order); codes are < 0 so they never equal a token id.
+    Image tokens come in runs, one per image in order: equal runs, or ``counts[k]`` tokens for image k (AnyRes);
+    codes are < 0 so they never equal a token id.
     """
     codes = np.asarray(input_ids, dtype=np.int64).copy()
     if image_token_id is None or not image_keys:
         return codes
     positions = np.flatnonzero(codes == image_token_id)
-    per_image = len(positions) // len(image_keys)
+    equal = counts is None or isinstance(counts, int)
+    per_image = len(positions) // len(image_keys) if equal else list(counts)  # type: ignore[arg-type]
     image_codes = np.array(
         [-1 - (int(key[:15], 16)) for key in image_keys], dtype=np.int64
     )  # 60-bit, negative

@@ -15,6 +15,8 @@ from vlmkit.models.io import ModelDirError
 
 # llava-hf model types that tile images ("anyres"); loading one as plain llava would be a wrong model
 ANYRES_MODEL_TYPES = ("llava_next", "llava_next_video", "llava_onevision")
+# ... of which vlmkit loads these (llava_next_video also has video features)
+LOADABLE_ANYRES = ("llava_next", "llava_onevision")
 
 
 def load_foreign(
@@ -25,10 +27,15 @@ def load_foreign(
 
     model_type = raw.get("model_type")
     aspect = str(raw.get("image_aspect_ratio", ""))
+    if model_type in LOADABLE_ANYRES:
+        from vlmkit.models.convert.llava_next import load_llava_anyres
+
+        return load_llava_anyres(directory, raw=raw, dtype=dtype)
     if model_type in ANYRES_MODEL_TYPES or aspect.startswith("anyres"):
         raise ModelDirError(
             f"{directory}: a LLaVA-NeXT style checkpoint ({model_type or 'image_aspect_ratio=' + aspect}) tiles "
-            "images at any resolution ('anyres'); vlmkit does not support anyres yet"
+            "images at any resolution ('anyres'); vlmkit loads llava-hf llava_next and llava_onevision directories, "
+            "not this kind yet"
         )
     if is_original_llava(raw):
         return load_llava_original(directory, raw=raw, dtype=dtype, vision_tower=vision_tower)

@@ -1,0 +1,177 @@
+"""llava-hf LLaVA-NeXT and LLaVA-OneVision checkpoints -> vlmkit models with AnyRes tiling.
+
+As for plain llava-hf (``llava_hf.py``), transformers loads the checkpoint and its parts move into a
+``VisionLanguageModel``: the tower, the projector, ``image_newline`` and the language model. The tiling settings
+come from config.json (``image_grid_pinpoints``, OneVision's ``vision_aspect_ratio``) and the processor files, and
+are refused with every reason when vlmkit's ``TilingConfig`` cannot reproduce them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmkit.config import LanguageConfig, ProjectorConfig, TilingConfig, VisionConfig, VLMConfig
+from vlmkit.models.convert.llava_hf import (
+    BICUBIC,
+    STRATEGY_TO_SELECT,
+    _load_transformers_llava,
+    causal_lm_from_llava,
+    checkpoint_prompt,
+    processor_settings,
+    unsupported_reasons,
+)
+from vlmkit.models.io import ModelDirError
+from vlmkit.models.parts import hf_config_dict
+from vlmkit.models.vision import VisionEncoder
+from vlmkit.models.vlm import VisionLanguageModel
+
+MODEL_CLASSES = {
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+IMAGE_PROCESSORS = {
+    "llava_next": "LlavaNextImageProcessor",
+    "llava_onevision": "LlavaOnevisionImageProcessor",
+}
+ANYRES_MAX = re.compile(r"anyres_max_(\d+)")
+
+
+def anyres_unsupported_reasons(raw: dict[str, Any]) -> list[str]:
+    """What in a llava_next / llava_onevision config.json vlmkit cannot represent."""
+    reasons = unsupported_reasons(raw)
+    pinpoints = raw.get("image_grid_pinpoints")
+    if not (isinstance(pinpoints, list) and pinpoints and all(_is_pair(p) for p in pinpoints)):
+        reasons.append(f"image_grid_pinpoints={pinpoints!r} (expected [[height, width], ...])")
+    if raw.get("model_type") == "llava_onevision":
+        aspect = raw.get("vision_aspect_ratio", "anyres_max_9")
+        if not (isinstance(aspect, str) and ANYRES_MAX.fullmatch(aspect)):
+            reasons.append(f"vision_aspect_ratio={aspect!r} (vlmkit reads 'anyres_max_N')")
+    return reasons
+
+
+def _is_pair(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and v > 0 for v in value)
+    )
+
+
+def load_llava_anyres(directory: Path, *, raw: dict[str, Any], dtype: torch.dtype | None) -> tuple[Any, Any]:
+    """A llava_next / llava_onevision directory -> (VisionLanguageModel, tokenizer), computing what transformers
+    computes."""
+    model_type = raw["model_type"]
+    reasons = anyres_unsupported_reasons(raw)
+    if reasons:
+        raise ModelDirError(
+            f"{directory}: this {model_type} checkpoint is not supported: {'; '.join(reasons)}"
+        )
+    hf = _load_transformers_llava(directory, dtype=dtype, class_name=MODEL_CLASSES[model_type])
+    processor = processor_settings(directory)
+    vision_cfg = _vision_config(hf, processor=processor, directory=directory)
+    vision = VisionEncoder(config=vision_cfg, model=hf.model.vision_tower)
+    if vision_cfg.select == "patch" and vision.num_prefix != 1:
+        raise ModelDirError(
+            f"{directory}: vision_feature_select_strategy 'default' drops one leading token, but this "
+            f"{vision.model_type} tower has {vision.num_prefix} non-patch tokens, so it would drop a patch"
+        )
+    _check_processor_counts(processor, vision=vision, strategy=hf.config.vision_feature_select_strategy,
+                            directory=directory)  # fmt: skip
+    tokenizer, prompt = checkpoint_prompt(directory, image_token=processor.get("image_token", "<image>"),
+                                          image_token_id=hf.config.image_token_id)  # fmt: skip
+    language_model = causal_lm_from_llava(hf, source=directory)
+    config = VLMConfig(
+        vision=vision_cfg,
+        projector=ProjectorConfig(type="mlp", depth=2),
+        language=LanguageConfig(hf_config=hf_config_dict(language_model.config), source=str(directory)),
+        prompt=prompt,
+    )
+    model = VisionLanguageModel(config=config, vision=vision, language_model=language_model)
+    model.projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
+    with torch.no_grad():
+        model.tiling.image_newline.copy_(hf.model.image_newline)  # type: ignore[union-attr]
+    return model.to(language_model.dtype), tokenizer
+
+
+def _vision_config(hf: Any, *, processor: dict[str, Any], directory: Path) -> VisionConfig:
+    config = hf.config
+    pre = processor["image_processor"]
+    tile = tile_size(pre, kind=IMAGE_PROCESSORS[config.model_type], directory=directory)
+    if tile != config.vision_config.image_size:
+        raise ModelDirError(
+            f"{directory}: the image processor makes {tile}px tiles but the tower's image_size is "
+            f"{config.vision_config.image_size}"
+        )
+    pinpoints = [list(p) for p in config.image_grid_pinpoints]
+    if [list(p) for p in pre.get("image_grid_pinpoints", pinpoints)] != pinpoints:
+        raise ModelDirError(
+            f"{directory}: the image processor's image_grid_pinpoints differ from config.json's"
+        )
+    onevision = config.model_type == "llava_onevision"
+    cap = int(ANYRES_MAX.fullmatch(config.vision_aspect_ratio).group(1)) if onevision else None  # type: ignore[union-attr]
+    tiling = TilingConfig(grid_pinpoints=tuple(tuple(p) for p in pinpoints), unpad=True, image_newline=True,
+                          max_tile_tokens=cap, multi_image_base_only=onevision)  # fmt: skip
+    try:
+        return VisionConfig(
+            hf_config=hf_config_dict(hf.model.vision_tower.config),
+            feature_layer=config.vision_feature_layer,
+            select=STRATEGY_TO_SELECT[config.vision_feature_select_strategy],
+            image_size=tile,
+            resize_mode="pad" if onevision else "resize",  # the un-tiled view of each family
+            image_mean=tuple(pre["image_mean"]),
+            image_std=tuple(pre["image_std"]),
+            source=str(directory),
+            tiling=tiling,
+        )
+    except ValueError as exc:  # ConfigError: e.g. pinpoints that are not multiples of the tile size
+        raise ModelDirError(f"{directory}: {exc}") from None
+
+
+def tile_size(pre: dict[str, Any], *, kind: str, directory: Path) -> int:
+    """The S of an AnyRes image processor's S x S tiles, or a refusal listing what vlmkit cannot reproduce."""
+    problems = [f"{key}={pre.get(key)!r}" for key in ("do_resize", "do_rescale", "do_normalize")
+                if pre.get(key, True) is not True]  # fmt: skip
+    if abs(float(pre.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+        problems.append(f"rescale_factor={pre['rescale_factor']}")
+    if int(pre.get("resample", BICUBIC)) != BICUBIC:
+        problems.append(f"resample={pre['resample']} (vlmkit resizes bicubic)")
+    found = str(pre.get("image_processor_type", kind))
+    if not found.startswith(kind):
+        problems.append(f"image_processor_type={found!r} (expected {kind})")
+    if "image_mean" not in pre or "image_std" not in pre:
+        problems.append("no image_mean / image_std")
+    size, crop = pre.get("size") or {}, pre.get("crop_size") or {}
+    sides = (
+        {size.get("shortest_edge")} if "shortest_edge" in size else {size.get("height"), size.get("width")}
+    )
+    if pre.get("do_center_crop"):
+        sides |= {crop.get("height"), crop.get("width")}
+    if len(sides) != 1 or not isinstance(next(iter(sides)), int):
+        problems.append(f"size={size} crop_size={crop} (vlmkit needs one square tile size)")
+    if problems:
+        raise ModelDirError(f"{directory}: image preprocessing not supported: {'; '.join(problems)}")
+    return int(next(iter(sides)))
+
+
+def _check_processor_counts(
+    processor: dict[str, Any], *, vision: VisionEncoder, strategy: str, directory: Path
+) -> None:
+    """The processor's own per-tile token count must be the model's (else its prompts would not fit)."""
+    side = vision.config.image_size // vision.patch_size
+    drop = 1 if strategy == "default" else 0
+    if "num_image_tokens" in processor:  # OneVision: tokens of one tile, before "default" drops one
+        found = int(processor["num_image_tokens"]) - drop
+    elif "patch_size" in processor and processor["patch_size"]:  # LLaVA-NeXT
+        extra = int(processor.get("num_additional_image_tokens", 0) or 0)
+        found = (vision.config.image_size // int(processor["patch_size"])) ** 2 + extra - drop
+    else:
+        return
+    if found != side**2:
+        raise ModelDirError(
+            f"{directory}: the processor counts {found} tokens per tile but the model makes {side**2} "
+            f"({side}x{side} patches)"
+        )
