@@ -13,7 +13,16 @@ from typing import Annotated, Any
 
 import typer
 
-from vlmkit.cli.common import CLIError, DeviceOption, DType, DTypeOption, ModelOption, load_model, note
+from vlmkit.cli.common import (
+    CLIError,
+    DeviceOption,
+    DType,
+    DTypeOption,
+    ModelOption,
+    check_device,
+    load_model,
+    note,
+)
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -67,6 +76,8 @@ def serve_command(
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     _check_model_dir(model)
+    if device is not None:
+        check_device(device)  # before the port is bound: a bad device never starts a server
     sock = _bind(host=host, port=port)
     bound_port = sock.getsockname()[1]
     if api_key is None and host not in _LOOPBACK:

@@ -7,9 +7,21 @@ unknown keywords with a ``TypeError`` naming them, so a typo (``max_tokens=``) n
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from vlmkit.processing.text import check_text
+
+# sampling divides logits by the temperature: near 0 that overflows float32 (1e-300 is 0.0 there, and the
+# softmax becomes NaN); this bound is far below any useful sampling temperature; use 0 for greedy
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+# the penalty divides / multiplies logits: the same overflow at the extremes
+MIN_PENALTY, MAX_PENALTY = 1e-3, 1e3
+# token counts and k beyond int64 overflow torch's index arithmetic
+MAX_INT = 2**63 - 1
 
 
 @dataclass
@@ -43,21 +55,31 @@ class GenerationConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid argument."""
         _require(
-            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an int >= 1", self
+            _int_in(self.max_new_tokens, 1, MAX_INT), "max_new_tokens", f"an int in [1, {MAX_INT}]", self
         )
-        _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0", self)
-        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self)
-        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an int >= 0 (0 = off)", self)
-        _require(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "an int >= 1", self)
         _require(
-            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-            "repetition_penalty",
-            "a number > 0 (1.0 = off)",
+            (_is_number(self.temperature) and self.temperature == 0)
+            or _number_in(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
+            "temperature",
+            f"0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
             self,
         )
-        _require(self.seed is None or _is_int(self.seed), "seed", "an int or None", self)
+        _require(_number_in(self.top_p, 0, 1) and self.top_p > 0, "top_p", "a number in (0, 1]", self)
+        _require(_int_in(self.top_k, 0, MAX_INT), "top_k", f"an int in [0, {MAX_INT}] (0 = off)", self)
+        _require(_int_in(self.num_beams, 1, MAX_INT), "num_beams", "an int >= 1", self)
+        _require(
+            _number_in(self.repetition_penalty, MIN_PENALTY, MAX_PENALTY),
+            "repetition_penalty",
+            f"a number in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1.0 = off)",
+            self,
+        )
+        _require(
+            self.seed is None or _int_in(self.seed, -(2**63), 2**64 - 1), "seed", "a 64-bit int or None", self
+        )
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {_short(self.stop)}")
+        for index, text in enumerate(self.stop):
+            check_text(text, name=f"stop[{index}]")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError(
                 f"num_beams={self.num_beams} (beam search) cannot be combined with temperature={self.temperature}; "
@@ -111,9 +133,29 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _number_in(value: object, low: float, high: float) -> bool:
+    """A finite int/float in [low, high]; a 400-digit int or 1e-300 never reaches float arithmetic unchecked."""
+    if not _is_number(value):
+        return False
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
+    return math.isfinite(number) and low <= number <= high
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    return _is_int(value) and low <= value <= high  # type: ignore[operator]
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _require(ok: bool, name: str, expected: str, config: GenerationConfig) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}")
+        raise ValueError(f"{name} must be {expected}, got {_short(getattr(config, name))}")
 
 
 @dataclass

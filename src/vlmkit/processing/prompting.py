@@ -20,6 +20,9 @@ from typing import Any, TypeAlias
 
 import torch
 
+from vlmkit.processing.control_tokens import encode_as_text, mark_control_text, unmark_control_text
+from vlmkit.processing.text import check_text
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 # OpenAI's newer API calls the system prompt "developer"
@@ -146,6 +149,7 @@ def _check_messages(messages: list[Message]) -> None:
             raise ValueError(
                 f"message {index}: field 'content' must be a string (use normalize_messages for parts)"
             )
+        check_text(message["content"], name=f"message {index}: field 'content'")
 
 
 def _render_builtin(
@@ -240,6 +244,7 @@ def encode(
     ``num_image_tokens`` is one count for every image, or one count per image in order (AnyRes).
     """
     image_id = _image_token_id(tokenizer, image_token)
+    messages = mark_control_text(messages, tokenizer=tokenizer, image_token=image_token)
     rendered = render(
         messages,
         tokenizer=tokenizer,
@@ -255,16 +260,19 @@ def encode(
     bos = getattr(tokenizer, "bos_token", None)
     # like transformers: a template that writes the BOS itself must not get a second one
     add_special = not (bos and text.startswith(bos))
+    text, spans, typed = unmark_control_text(text, spans)
     if with_labels and not getattr(tokenizer, "is_fast", False):
         raise ValueError("labels need a fast tokenizer (offset mapping); load it with use_fast=True")
-    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=with_labels)
-    ids = list(enc["input_ids"])
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=with_labels or bool(typed))
+    ids, offsets = list(enc["input_ids"]), enc.get("offset_mapping")
+    if typed:  # control tokens the user typed stay text, never the template's turn markers
+        ids, offsets = encode_as_text(tokenizer, ids=ids, offsets=offsets, typed=typed, text=text)
     if ids.count(image_id) != sum(counts):
         raise ValueError(
             f"expected {sum(counts)} image tokens ({num_images} images) after tokenization but found "
             f"{ids.count(image_id)}; {image_token!r} must tokenize as a single token"
         )
-    labels = _labels(ids, enc["offset_mapping"], spans, image_id=image_id) if with_labels else None
+    labels = _labels(ids, offsets, spans, image_id=image_id) if with_labels else None
     return EncodedPrompt(input_ids=ids, labels=labels, num_images=num_images)
 
 

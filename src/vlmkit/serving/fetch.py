@@ -2,7 +2,9 @@
 
 Each hop (the URL and every redirect) is checked the same way before any connection is made: scheme
 http/https, no user-info, host (and port) on the allowlist, DNS resolved here and every address public
-(no private, loopback, link-local, multicast, reserved or unspecified ranges, IPv4-mapped IPv6 included).
+(none of IANA's special-purpose ranges: private, loopback, link-local, site-local, multicast, reserved,
+protocol-assignment, documentation...; an IPv6 address embedding an IPv4 one — mapped, 6to4, NAT64 — is judged
+by that IPv4 address).
 The connection then goes to the checked IP (the Host header and TLS SNI/certificate check keep the
 name), so a DNS answer cannot change between the check and the connect. Redirects are followed by hand,
 re-checking each hop; bodies are capped in bytes and the whole fetch in time. Proxies from the
@@ -38,13 +40,43 @@ class FetchError(Exception):
         self.code = code
 
 
+# IANA's special-purpose address registries (RFC 6890 and its updates), blocks Python's ``is_global`` misses
+# included (192.0.0.0/24 such as 192.0.0.8, site-local fec0::/10, 6to4 / NAT64 checked by their IPv4 below)
+_SPECIAL_V4 = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24", "192.168.0.0/16", "192.175.48.0/24",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4"))  # fmt: skip
+_SPECIAL_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    "::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16",
+    "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"))  # fmt: skip
+# NAT64's well-known prefix: the last 32 bits are the IPv4 address the translator connects to
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def is_public_address(ip: IPAddress) -> bool:
-    """True only for globally routable unicast addresses."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    """True only for globally routable unicast addresses; an IPv6 address that carries an IPv4 one
+    (``::ffff:10.0.0.1``, 6to4 ``2002:a00:1::``, NAT64 ``64:ff9b::10.0.0.1``) is judged by that IPv4 address."""
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        return is_public_address(embedded)
+    special = _SPECIAL_V4 if ip.version == 4 else _SPECIAL_V6
+    if any(ip in network for network in special):
+        return False
     bad = (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
            or ip.is_unspecified)  # fmt: skip
     return ip.is_global and not bad
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 async def system_resolver(host: str, port: int) -> list[str]:

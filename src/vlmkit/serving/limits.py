@@ -61,11 +61,23 @@ class ServerSettings:
             raise ValueError(
                 "batch_wait_ms, fetch_timeout_s and shutdown_timeout_s must be >= 0 (timeout > 0)"
             )
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key must not be empty")
+        if self.api_key is not None:
+            _check_api_key(self.api_key)
         for entry in self.allow_url_hosts:
             parse_host_entry(entry)  # a bad entry is an operator error now, not a 500 later
         object.__setattr__(self, "allow_url_hosts", tuple(h.strip().lower() for h in self.allow_url_hosts))
+
+
+def _check_api_key(key: str) -> None:
+    """HTTP headers carry ASCII: a key with other characters (or spaces) could never be sent, so no client
+    could ever authenticate; refuse it when the server starts."""
+    if not key.strip():
+        raise ValueError("api_key must not be empty")
+    if not (key.isascii() and key.isprintable()) or any(ch.isspace() for ch in key):
+        raise ValueError(
+            "api_key must be printable ASCII without spaces (an HTTP 'Authorization' header cannot carry "
+            "other characters, so no client could send it)"
+        )
 
 
 def base64_decoded_size(encoded_length: int) -> int:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmkit.generation.config import GenerationConfig
+from vlmkit.processing.text import check_text
 from vlmkit.serving.errors import APIError, bad_request
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -45,14 +47,38 @@ class ChatRequest:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object (NaN / Infinity and absurd nesting are refused)."""
+    """The body as a JSON object (NaN / Infinity, absurd nesting and text that is not Unicode are refused)."""
     try:
         data = json.loads(body, parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_strings(data)
     return data
+
+
+def _check_strings(data: Any) -> None:
+    """Every string (and key) must encode as UTF-8: JSON's ``"\\ud800"`` escape yields a lone surrogate that
+    would fail deep inside the tokenizer or the response encoder. Iterative: nesting depth cannot recurse."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            _checked_unicode(value, name=where, param=where)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _checked_unicode(key, name=f"a key of {where or 'the body'}", param=where or None)
+                stack.append((f"{where}.{key}" if where else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+
+
+def _checked_unicode(text: str, *, name: str, param: str | None) -> None:
+    try:
+        check_text(text, name=name)
+    except ValueError as exc:
+        raise bad_request(str(exc), param=param, code="invalid_text") from None
 
 
 def _no_constants(name: str) -> None:
@@ -200,7 +226,19 @@ def _generation(data: dict[str, Any]) -> dict[str, Any]:
     stop = _stop(data.get("stop"))
     if stop:
         gen["stop"] = stop
+    _check_generation(gen)
     return gen
+
+
+def _check_generation(gen: dict[str, Any]) -> None:
+    """The library's own validation (the one ``VLM.generate`` and the CLI use): whatever it refuses is a 400
+    naming the field here, never a failure inside the sampler (temperature 1e-300 is 0.0 in float32)."""
+    try:
+        GenerationConfig.from_kwargs(**gen)
+    except ValueError as exc:
+        message = str(exc)
+        param = next((name for name in gen if message.startswith(name)), None)
+        raise bad_request(message, param=param) from None
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -247,9 +285,13 @@ def _optional_number(data: dict[str, Any], name: str, *, low: float, high: float
     value = data.get(name)
     if value is None:
         return None
-    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+    try:  # a 400-digit integer overflows float(): the same 400 as any other out-of-range number
+        number = float(value) if _is_number(value) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number) or not low <= number <= high:
         raise bad_request(f"{name} must be a number between {low:g} and {high:g}", param=name)
-    return value
+    return number
 
 
 def _is_int(value: object) -> bool:
