@@ -119,8 +119,12 @@ def test_multi_turn_history_and_multi_reference(folder):
     item = to_item(rec, index=0)
     assert [m["role"] for m in item.messages] == ["system", "user", "assistant", "user"]
     assert item.references == ("two", "2", "2", "3") and item.task == "default"
-    report = evaluate(ScriptedVLM({"And how many dogs?": "Two."}), [rec], image_folder=folder, metric="vqa")
+    report = evaluate(ScriptedVLM({"And how many dogs?": "Two."}), [rec], image_folder=folder, metric="vqa",
+                      last_turn_only=True)  # fmt: skip
     assert report.score == 1.0  # 3 of 4 references match after VQA normalisation
+    # by default every gpt turn is scored, the earlier ones with their own history (here: none answered)
+    both = evaluate(ScriptedVLM({"And how many dogs?": "Two."}), [rec], image_folder=folder, metric="vqa")
+    assert [(p.turn, p.score) for p in both.predictions] == [(1, 0.0), (2, 1.0)] and both.score == 0.5
     # no placeholder at all: images go before the first human turn, LLaVA style
     bare = to_item(record("b", "t", "Describe.", "x", image=None) | {"image": "red.png"}, index=1)
     assert bare.messages[0]["content"] == "<image>\nDescribe."

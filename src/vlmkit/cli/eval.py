@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     from vlmkit.evaluation.runner import Progress
 
 
+class Turns(str, Enum):
+    all = "all"
+    last = "last"
+
+
 class Metric(str, Enum):
     exact_match = "exact_match"
     vqa = "vqa"
@@ -53,6 +58,12 @@ def eval_command(
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per answer.")
     ] = 128,
+    turns: Annotated[
+        Turns,
+        typer.Option(
+            "--turns", help="Multi-turn records: score every gpt turn (history as context) or the last."
+        ),
+    ] = Turns.all,
     save_predictions: Annotated[
         Path | None, typer.Option("--save-predictions", help="Write one JSON line per evaluated sample here.")
     ] = None,
@@ -71,7 +82,8 @@ def eval_command(
     with _progress() as progress:
         report = evaluate(vlm, records, image_folder=folder, metric=metric.value, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, limit=limit, progress=progress,
-                          model=str(model) if model else None, data=str(data))  # fmt: skip
+                          model=str(model) if model else None, data=str(data),
+                          last_turn_only=turns is Turns.last)  # fmt: skip
     print_table(report)
     if save_predictions is not None:
         _write_predictions(save_predictions, report)

@@ -36,6 +36,14 @@ def synth_command(
             "--n still counts records. The test split always has one question per image.",
         ),
     ] = 1,
+    conversations: Annotated[
+        bool,
+        typer.Option(
+            "--conversations",
+            help="Multi-turn conversations: 1-3 images arriving in different turns, follow-ups and questions "
+            "about an earlier image; --n counts conversations, --tasks picks the single-image questions.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Generate shapes, documents and multi-image questions whose answers come from the scene descriptions."""
@@ -43,7 +51,8 @@ def synth_command(
 
     names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
     counts = generate_dataset(out, n=n, seed=seed, image_size=image_size, test_fraction=test_fraction,
-                              tasks=names, questions_per_image=questions_per_image)  # fmt: skip
+                              tasks=names, questions_per_image=questions_per_image,
+                              conversations=conversations)  # fmt: skip
     if as_json:
         write_json({"out": str(out), "seed": seed, "image_size": image_size,
                     "questions_per_image": questions_per_image} | counts)  # fmt: skip

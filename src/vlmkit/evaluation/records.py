@@ -100,7 +100,8 @@ def to_items(
     labels = _turn_labels(record, count=len(replies))
     items = []
     for k in range(len(replies) - 1 if last_only else 0, len(replies)):
-        messages = whole.messages[: replies[k]]  # whole.messages[i] is turns[i] for every turn before the last
+        # whole.messages[i] is turns[i] for every turn before the last
+        messages = whole.messages[: replies[k]]
         if not any(m["role"] == "user" for m in messages):
             continue  # a reply before any question (e.g. a greeting) is not an answer to score
         shown = sum(m["content"].count(image_token) for m in messages)

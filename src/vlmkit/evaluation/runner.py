@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmkit.evaluation.metrics import METRIC_NAMES, compute_metric
-from vlmkit.evaluation.records import EvalItem, RecordError, record_id, to_item
-from vlmkit.evaluation.report import EvalReport, Prediction, Skipped, TaskScore
+from vlmkit.evaluation.records import EvalItem, RecordError, record_id, to_items
+from vlmkit.evaluation.report import EvalReport, Prediction, Skipped, TaskScore, group_scores
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from vlmkit.api import VLM
 
-Progress = Callable[[int, int], None]  # (records done, records to run)
+Progress = Callable[[int, int], None]  # (items done, items to run)
+Key = tuple[int, int]  # (record index, turn): one scored reply
 
 
 def evaluate(
@@ -36,16 +37,23 @@ def evaluate(
     progress: Progress | None = None,
     model: str | None = None,
     data: str | None = None,
+    last_turn_only: bool = False,
 ) -> EvalReport:
-    """Answer every record greedily and score the answers against the references with ``metric``."""
+    """Answer every record greedily and score the answers against the references with ``metric``.
+
+    Every ``gpt`` turn of a multi-turn record is scored, the conversation before it (reference replies as
+    history) given as context; ``last_turn_only`` scores only each record's last one.
+    """
     if metric not in METRIC_NAMES:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_NAMES)}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     start = time.perf_counter()
     chosen = list(records)[:limit] if limit is not None else list(records)
-    items, skipped = prepare_items(chosen, image_token=vlm.config.prompt.image_token)
-    answers: dict[int, str] = {}
+    items, skipped = prepare_items(
+        chosen, image_token=vlm.config.prompt.image_token, last_only=last_turn_only
+    )
+    answers: dict[Key, str] = {}
     ordered = sorted(
         items, key=lambda item: (len(item.images), sum(len(m["content"]) for m in item.messages))
     )
@@ -56,19 +64,23 @@ def evaluate(
         if progress is not None:
             progress(min(start_row + batch_size, len(ordered)), len(ordered))
     return score(
-        [item for item in items if item.index in answers], answers=answers, skipped=skipped, metric=metric,
+        [item for item in items if _key(item) in answers], answers=answers, skipped=skipped, metric=metric,
         seconds=time.perf_counter() - start, batch_size=batch_size, max_new_tokens=max_new_tokens,
         model=model, data=data,
     )  # fmt: skip
 
 
+def _key(item: EvalItem) -> Key:
+    return item.index, item.turn
+
+
 def prepare_items(
-    records: Sequence[dict[str, Any]], *, image_token: str
+    records: Sequence[dict[str, Any]], *, image_token: str, last_only: bool = False
 ) -> tuple[list[EvalItem], list[Skipped]]:
     items, skipped = [], []
     for index, record in enumerate(records):
         try:
-            items.append(to_item(record, index=index, image_token=image_token))
+            items.extend(to_items(record, index=index, image_token=image_token, last_only=last_only))
         except RecordError as exc:
             skipped.append(Skipped(id=record_id(record, index=index), task=str(record.get("task") or "default"),
                                    reason=str(exc), index=index))  # fmt: skip
@@ -77,8 +89,8 @@ def prepare_items(
 
 def _run_batch(
     vlm: VLM, batch: list[EvalItem], *, image_folder: Path, max_new_tokens: int, skipped: list[Skipped]
-) -> dict[int, str]:
-    """{item index: answer} for the items whose images load; the others are appended to ``skipped``."""
+) -> dict[Key, str]:
+    """{item key: answer} for the items whose images load; the others are appended to ``skipped``."""
     from vlmkit.processing.processor import Sample
 
     ready: list[tuple[EvalItem, list[Image]]] = []
@@ -91,7 +103,7 @@ def _run_batch(
         return {}
     samples = [Sample(messages=[dict(m) for m in item.messages], images=images) for item, images in ready]
     texts = vlm.generate(samples, max_new_tokens=max_new_tokens, temperature=0.0).texts
-    return {item.index: text.strip() for (item, _), text in zip(ready, texts, strict=True)}
+    return {_key(item): text.strip() for (item, _), text in zip(ready, texts, strict=True)}
 
 
 def _load_images(item: EvalItem, *, image_folder: Path) -> list[Image]:
@@ -103,7 +115,7 @@ def _load_images(item: EvalItem, *, image_folder: Path) -> list[Image]:
 def score(
     items: list[EvalItem],
     *,
-    answers: dict[int, str],
+    answers: dict[Key, str],
     skipped: list[Skipped],
     metric: str,
     seconds: float,
@@ -113,18 +125,22 @@ def score(
     data: str | None = None,
 ) -> EvalReport:
     """Overall and per-task scores of ``answers`` (keyed by item index) as an ``EvalReport``."""
-    overall = compute_metric(metric, predictions=[answers[i.index] for i in items],
+    overall = compute_metric(metric, predictions=[answers[_key(i)] for i in items],
                              references=[i.references for i in items])  # fmt: skip
-    predictions = [Prediction(id=i.id, task=i.task, prediction=answers[i.index], references=i.references,
-                              score=s) for i, s in zip(items, overall.per_sample, strict=True)]  # fmt: skip
+    predictions = [Prediction(id=i.id, task=i.task, prediction=answers[_key(i)], references=i.references,
+                              score=s, turn=i.turn, kind=i.kind)
+                   for i, s in zip(items, overall.per_sample, strict=True)]  # fmt: skip
     tasks = {}
     for task in sorted({i.task for i in items} | {s.task for s in skipped}):
         subset = [p for p in predictions if p.task == task]
         tasks[task] = TaskScore(score=_task_score(metric, subset), n=len(subset),
                                 skipped=sum(s.task == task for s in skipped))  # fmt: skip
+    multi_turn = any(i.turn > 1 or i.kind for i in items)
     return EvalReport(metric=metric, score=overall.score if items else None, tasks=tasks, predictions=predictions,
                       skipped_samples=sorted(skipped, key=lambda s: s.index), seconds=seconds, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, model=model, data=data)  # fmt: skip
+                      max_new_tokens=max_new_tokens, model=model, data=data,
+                      turns=group_scores(predictions, by=lambda p: str(p.turn)) if multi_turn else {},
+                      kinds=group_scores(predictions, by=lambda p: p.kind) if multi_turn else {})  # fmt: skip
 
 
 def _task_score(metric: str, subset: list[Prediction]) -> float | None:
