@@ -23,7 +23,36 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ConfigError(ValueError):
-    """A config file or dict is invalid; the message names the field."""
+    """A config file or dict is invalid; the message names the field.
+
+    ``field``: the offending option's field name, when there is one (the CLI shows it as its flag)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    default_factory: Any = dataclasses.MISSING,
+    flag: str | None = None,
+    negation: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A dataclass field that also declares its command-line option: the CLI is derived from these fields
+    (``vlmkit.cli.schema``), so an option's default, range, choices and help exist once.
+
+    ``flag``: the option name when it is not ``--field-name``; ``negation``: the ``--no-…`` form of a bool;
+    ``low`` / ``high``: inclusive bounds; ``choices``: allowed strings.
+    """
+    meta = {"doc": doc, "flag": flag, "negation": negation, "low": low, "high": high, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass

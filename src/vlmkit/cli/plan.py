@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from vlmkit.cli.common import JsonOption, quiet_libraries, write_json
-from vlmkit.cli.train import Stage
+from vlmkit.cli.common import CLIError, JsonOption, quiet_libraries, write_json
+from vlmkit.cli.schema import flag_message
+from vlmkit.cli.train import STAGE_FIELDS, Stage
+from vlmkit.config import ConfigError
 
 
 class PlanDType(str, Enum):
@@ -55,7 +57,10 @@ def plan_command(
 
     stage_config = StageConfig(stage=stage.value, lora_rank=lora_rank, lora_dropout=lora_dropout,
                                lora_vision=lora_vision, freeze_vision=freeze_vision)  # fmt: skip
-    stage_config.validate()
+    try:
+        stage_config.validate()
+    except ConfigError as exc:
+        raise CLIError(flag_message(exc, STAGE_FIELDS)) from None
     shape = shape_from_dirs(vision=vision, language=language, projector=projector, image_size=image_size)
     length = seq if seq is not None else images * shape.image_tokens + 256
     plan = plan_memory(shape, stage=stage_config, batch=batch, seq=length, grad_ckpt=grad_ckpt, dtype=dtype.value,

@@ -1,5 +1,5 @@
 """What a training run is told and what it reports: ``TrainConfig`` (every option of ``vlmkit train``),
-``TrainResult``, per-step statistics, the run directory's file names, the precision a run resolves to."""
+``TrainResult``, per-step statistics, the run directory's file names. No torch import: the command line builds its options from these fields."""
 
 from __future__ import annotations
 
@@ -7,9 +7,86 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from vlmkit.config import ConfigError, setting
 
-from vlmkit.training.stages import StageConfig
+GROUP_ORDER = ("vision", "vision_lora", "projector", "language", "lora")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage: its default base learning rate and the LR scale of every group it trains."""
+
+    base_lr: float
+    lr_scales: dict[str, float]
+
+
+STAGES: dict[str, StageSpec] = {
+    "projector": StageSpec(base_lr=1e-3, lr_scales={"projector": 1.0}),
+    "lora": StageSpec(base_lr=2e-4, lr_scales={"lora": 1.0, "projector": 0.1, "vision_lora": 1.0}),
+    "full": StageSpec(base_lr=2e-5, lr_scales={"language": 1.0, "projector": 1.0, "vision": 0.1}),
+}
+
+
+STAGE_NAMES = tuple(STAGES)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What the user chose: the stage and its options (LoRA shape, vision freezing, LR overrides)."""
+
+    stage: str = setting("projector", doc="What trains: projector, lora or full.", choices=STAGE_NAMES)
+    freeze_vision: bool = setting(
+        True, doc="Full stage: keep the tower frozen (as LLaVA does).", negation="--train-vision"
+    )
+    lora_vision: bool = setting(False, doc="LoRA on the vision tower too (lora stage).")
+    lora_rank: int = setting(128, doc="LoRA rank.", low=1)
+    lora_alpha: int = setting(256, doc="LoRA alpha (scale = alpha / rank).", low=1)
+    lora_dropout: float = setting(0.05, doc="LoRA dropout.", low=0.0, high=1.0)
+    lr: float | None = setting(None, doc="Base learning rate (default: per stage).", low=0.0)
+    lr_scales: dict[str, float] = setting(
+        default_factory=dict,
+        doc="Per-group LR scale over the stage default, GROUP=SCALE (repeatable).",
+        flag="--lr-scale",
+    )
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(
+                f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}", field="stage"
+            )
+        if self.lora_vision and self.stage != "lora":
+            raise ConfigError("lora_vision only applies to stage 'lora'", field="lora_vision")
+        if not self.freeze_vision and self.stage != "full":
+            raise ConfigError(
+                "an unfrozen vision tower (freeze_vision false) needs stage 'full'", field="freeze_vision"
+            )
+        if self.stage == "lora" and self.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}", field="lora_rank")
+        unknown = set(self.lr_scales) - set(GROUP_ORDER)
+        if unknown:
+            raise ConfigError(
+                f"unknown parameter group(s) {sorted(unknown)}; known: {', '.join(GROUP_ORDER)}",
+                field="lr_scales",
+            )
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else STAGES[self.stage].base_lr
+
+    def trainable_groups(self) -> dict[str, float]:
+        """group -> learning rate, for the groups this configuration trains."""
+        scales = dict(STAGES[self.stage].lr_scales) | self.lr_scales
+        if self.stage == "lora" and not self.lora_vision:
+            scales.pop("vision_lora", None)
+        if self.stage == "full" and self.freeze_vision:
+            scales.pop("vision", None)
+        return {group: self.base_lr * scales[group] for group in GROUP_ORDER if group in scales}
+
+    @property
+    def vision_frozen(self) -> bool:
+        """True when the tower's output never changes during training (its features can be cached)."""
+        return "vision" not in self.trainable_groups() and "vision_lora" not in self.trainable_groups()
+
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 METRICS_FILE = "metrics.jsonl"
@@ -18,46 +95,59 @@ PLOT_FILE = "loss.png"
 
 @dataclass
 class TrainConfig:
-    """Everything ``vlmkit train`` accepts. Sizes are per process: global batch = batch_size x grad_accum x N."""
+    """Everything ``vlmkit train`` accepts (its options are derived from these fields, see ``vlmkit.cli.schema``).
+    Sizes are per process: global batch = batch_size x grad_accum x N."""
 
-    data: Path
-    out: Path
-    image_folder: Path | None = None  # default: the data file's directory
-    stage: StageConfig = field(default_factory=StageConfig)
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int | None = None  # default: ``epochs`` over the data
+    data: Path = setting(doc="LLaVA-format JSON array or JSONL file.")
+    out: Path = setting(doc="Output dir: the trained model, checkpoints, metrics.")
+    image_folder: Path | None = setting(
+        None, doc="Image paths are relative to this (default: the data file's folder)."
+    )
+    stage: StageConfig = field(default_factory=StageConfig)  # its own fields are options too
+    batch_size: int = setting(4, doc="Micro-batch per process.", low=1)
+    grad_accum: int = setting(1, doc="Micro-batches per optimizer step.", low=1)
+    max_steps: int | None = setting(None, doc="Optimizer steps (default: --epochs).", low=1)
     # the LR schedule's length when it differs from the run's: stop at max_steps partway down a longer
-    # schedule (how a time-limited run ended, reproduced by steps); default: the run's own steps
-    schedule_steps: int | None = None
-    epochs: float = 1.0
-    max_minutes: float | None = None  # stop (checkpoint + save) after this much wall time
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    grad_ckpt: bool = False
-    precision: str = "auto"  # auto: bf16-mixed on a bf16 GPU, fp32 on CPU
-    eval_data: Path | None = None
-    eval_image_folder: Path | None = None
-    eval_every: int = 0  # 0: evaluate only at the end (when eval_data is given)
-    save_every: int = 0  # 0: checkpoint only at the end
-    keep_last: int = 2
-    log_every: int = 1
-    seed: int = 0
-    resume: bool = False
-    feature_cache: bool = True  # used only while the tower is frozen
-    feature_cache_dir: Path | None = None  # default: OUT/feature_cache
-    workers: int = 0
-    max_length: int | None = None  # longer samples are skipped (and counted)
-    shuffle: bool = True
-    progress: bool = True
-    plot: bool = True
-    cpu: bool = False
-    fsdp: bool = False  # shard with FSDP2 (also on under an accelerate FSDP config); needs >= 2 processes
+    # schedule (how a time-limited run ended, reproduced by steps)
+    schedule_steps: int | None = setting(
+        None, doc="LR schedule length when longer than the run (default: the run's own steps).", low=1
+    )
+    epochs: float = setting(1.0, doc="Passes over the data without --max-steps.", low=0.0)
+    max_minutes: float | None = setting(None, doc="Stop, checkpoint and save after this long.", low=0.0)
+    warmup_ratio: float = setting(0.03, doc="Warmup share.", low=0.0, high=0.99)
+    min_lr_ratio: float = setting(
+        0.0, doc="Cosine decay floor, as a share of the base LR.", low=0.0, high=1.0
+    )
+    weight_decay: float = setting(0.0, doc="AdamW weight decay.", low=0.0)
+    max_grad_norm: float | None = setting(1.0, doc="Gradient clipping norm; 0 disables clipping.", low=0.0)
+    grad_ckpt: bool = setting(False, doc="Gradient checkpointing (less memory).")
+    precision: str = setting("auto", doc="auto: bf16-mixed on a bf16 GPU, fp32 on CPU.", choices=PRECISIONS)
+    eval_data: Path | None = setting(None, doc="Held-out file for eval loss.")
+    eval_image_folder: Path | None = setting(None, doc="Image folder of --eval-data (default: its folder).")
+    eval_every: int = setting(0, doc="Steps between evals (0: at end).", low=0)
+    save_every: int = setting(0, doc="Steps between checkpoints (0: at end).", low=0)
+    keep_last: int = setting(2, doc="Checkpoints to keep.", low=1)
+    log_every: int = setting(1, doc="Steps per metrics.jsonl line.", low=1)
+    seed: int = setting(0, doc="Seed of data order and initialisation.")
+    resume: bool = setting(False, doc="Continue the run in --out from its latest checkpoint.")
+    feature_cache: bool = setting(
+        True, doc="Cache frozen vision features on disk.", negation="--no-feature-cache"
+    )  # used only while the tower is frozen
+    feature_cache_dir: Path | None = setting(None, doc="Default: OUT/feature_cache.")
+    workers: int = setting(0, doc="Data-loading processes.", low=0)
+    max_length: int | None = setting(None, doc="Skip longer samples.", low=8)
+    shuffle: bool = setting(True, doc="Shuffle the records every epoch.", negation="--no-shuffle")
+    progress: bool = setting(True, doc="Show a progress bar on stderr.", negation="--no-progress")
+    plot: bool = setting(
+        True, doc="Plot the loss curve to OUT/loss.png (needs matplotlib).", negation="--no-plot"
+    )
+    cpu: bool = setting(False, doc="Train on CPU even when a GPU is present.")
+    fsdp: bool = setting(False, doc="Shard weights, grads and optimizer state (FSDP2) across processes.")
     # > 0: each image token, as the LM receives it, must also name its row and column on the tower's patch
     # grid (a fixed readout, see ``where_loss``), at this weight next to the mean next-token loss
-    where_weight: float = 0.0
+    where_weight: float = setting(
+        0.0, doc="Also teach each image token its row and column on the patch grid, at this weight.", low=0.0
+    )
 
     def validate(self) -> None:
         self.stage.validate()
@@ -68,10 +158,11 @@ class TrainConfig:
             "schedule_steps": self.schedule_steps is None or self.schedule_steps >= 1,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "precision": self.precision in PRECISIONS,
             "where_weight": math.isfinite(self.where_weight) and self.where_weight >= 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
         }  # fmt: skip
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid training option {bad[0]}={getattr(self, bad[0])!r}")
+            raise ConfigError(f"invalid training option {bad[0]}={getattr(self, bad[0])!r}", field=bad[0])
 
 
 @dataclass
@@ -95,13 +186,6 @@ class StepStats:
     tokens: int  # non-padding tokens processed, all processes
     grad_norm: float | None = None
     where_loss: float | None = None  # mean grid-position cross-entropy of this process (where_weight > 0)
-
-
-def resolve_precision(precision: str, *, cpu: bool = False) -> str:
-    if precision != "auto":
-        return precision
-    gpu_bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return "bf16-mixed" if gpu_bf16 else "fp32"
 
 
 def skipped_summary(skipped: dict[str, str], *, limit: int = 5) -> str:

@@ -43,7 +43,6 @@ from vlmkit.training.config import (
     StepStats,
     TrainConfig,
     TrainResult,
-    resolve_precision,
     skipped_summary,
 )
 from vlmkit.training.feature_cache import FeatureCache, encoder_identity
@@ -91,6 +90,13 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def resolve_precision(precision: str, *, cpu: bool = False) -> str:
+    if precision != "auto":
+        return precision
+    gpu_bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if gpu_bf16 else "fp32"
 
 
 class Trainer:

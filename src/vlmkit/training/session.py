@@ -31,10 +31,9 @@ from vlmkit.training.config import (
     StepStats,
     TrainConfig,
     TrainResult,
-    resolve_precision,
     skipped_summary,
 )
-from vlmkit.training.loop import Trainer
+from vlmkit.training.loop import Trainer, resolve_precision
 from vlmkit.training.stages import parameter_table
 
 # what an output directory may already hold when a fresh (non-resume) run starts in it

@@ -17,74 +17,12 @@ fine-tuning 2e-5) and LLaVA-NeXT (an unfrozen tower at a tenth of the LM's rate)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from vlmkit.models.vlm import VisionLanguageModel
-
-GROUP_ORDER = ("vision", "vision_lora", "projector", "language", "lora")
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage: its default base learning rate and the LR scale of every group it trains."""
-
-    base_lr: float
-    lr_scales: dict[str, float]
-
-
-STAGES: dict[str, StageSpec] = {
-    "projector": StageSpec(base_lr=1e-3, lr_scales={"projector": 1.0}),
-    "lora": StageSpec(base_lr=2e-4, lr_scales={"lora": 1.0, "projector": 0.1, "vision_lora": 1.0}),
-    "full": StageSpec(base_lr=2e-5, lr_scales={"language": 1.0, "projector": 1.0, "vision": 0.1}),
-}
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """What the user chose: the stage and its options (LoRA shape, vision freezing, LR overrides)."""
-
-    stage: str = "projector"
-    freeze_vision: bool = True  # full stage: keep the tower frozen, as LLaVA does
-    lora_vision: bool = False  # lora stage: also put LoRA on the vision tower
-    lora_rank: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    lr: float | None = None  # base LR; None = the stage default
-    lr_scales: dict[str, float] = field(default_factory=dict)  # per-group overrides of the scale
-
-    def validate(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        if self.lora_vision and self.stage != "lora":
-            raise ValueError("--lora-vision only applies to --stage lora")
-        if not self.freeze_vision and self.stage != "full":
-            raise ValueError("an unfrozen vision tower (--train-vision) needs --stage full")
-        if self.stage == "lora" and self.lora_rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
-        unknown = set(self.lr_scales) - set(GROUP_ORDER)
-        if unknown:
-            raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; known: {', '.join(GROUP_ORDER)}")
-
-    @property
-    def base_lr(self) -> float:
-        return self.lr if self.lr is not None else STAGES[self.stage].base_lr
-
-    def trainable_groups(self) -> dict[str, float]:
-        """group -> learning rate, for the groups this configuration trains."""
-        scales = dict(STAGES[self.stage].lr_scales) | self.lr_scales
-        if self.stage == "lora" and not self.lora_vision:
-            scales.pop("vision_lora", None)
-        if self.stage == "full" and self.freeze_vision:
-            scales.pop("vision", None)
-        return {group: self.base_lr * scales[group] for group in GROUP_ORDER if group in scales}
-
-    @property
-    def vision_frozen(self) -> bool:
-        """True when the tower's output never changes during training (its features can be cached)."""
-        return "vision" not in self.trainable_groups() and "vision_lora" not in self.trainable_groups()
+from vlmkit.training.config import GROUP_ORDER, StageConfig
 
 
 def group_of(name: str) -> str:
