@@ -417,13 +417,16 @@ class VLM:
             on_prefill = _inserter(self.prefix_cache, codes)
         cache = self.feature_cache.enabled
         features = self._image_features(refs, keys=keys, cache=cache, layouts=flat_layouts)
-        embeds = self.model.embed(input_ids=input_ids.to(device), image_features=features)
+        embeds = self.model.embed(input_ids=input_ids.to(device), image_features=features,
+                                  context_mask=batch["attention_mask"][:, -input_ids.shape[1] :].to(device))  # fmt: skip
         return _Prepared(
             embeds=embeds, mask=batch["attention_mask"].to(device), past=past, on_prefill=on_prefill
         )
 
     def _prefix_applies(self, *, batch_size: int, config: GenerationConfig) -> bool:
         if not self.prefix_cache.enabled or batch_size != 1 or config.num_beams != 1:
+            return False
+        if self.model.text_conditioned:  # an image's tokens depend on the whole prompt, not on its prefix
             return False
         if not hasattr(self, "_plain_kv"):  # a sliding-window / hybrid cache cannot be cut at any position
             self._plain_kv = plain_layers(new_cache(self.model.language_model))
@@ -517,7 +520,7 @@ class VLM:
         counts = {name: sum(p.numel() for p in getattr(m, name).parameters())
                   for name in ("vision", "projector", "language_model")}  # fmt: skip
         return {
-            "vision": m.vision.model_type,
+            "vision": getattr(m.vision, "description", m.vision.model_type),  # library / fused towers name more
             "language": self.config.language.hf_config.get("model_type"),
             "projector": self.config.projector.type,
             "image_size": self.config.vision.image_size,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from vlmkit.cli.common import CLIError, DType, note, quiet_libraries
+from vlmkit.config import ProjectorConfig
 
 
 class Select(str, Enum):
@@ -24,16 +25,22 @@ class ResizeMode(str, Enum):
 
 def build_command(
     vision: Annotated[
-        str, typer.Option("--vision", help="Local transformers vision tower dir (CLIP, SigLIP, ...).")
+        str,
+        typer.Option("--vision", help="Vision tower dir: transformers, open_clip or timm (detected; open_clip:DIR / "
+                     "timm:DIR force it); DIR_A,DIR_B fuses towers (features concatenated per patch)."),
     ],
     language: Annotated[
         str, typer.Option("--language", help="Local transformers causal-LM dir with tokenizer.")
     ],
     projector: Annotated[
         str,
-        typer.Option("--projector", help="Projector type: linear, mlp or resampler (any registered name)."),
+        typer.Option("--projector", help="Projector type: linear, mlp, resampler, cross-attn (reads the prompt) "
+                     "or pixel-shuffle (any registered name)."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
+    shuffle_factor: Annotated[
+        int, typer.Option("--shuffle-factor", min=1, help="pixel-shuffle: r (r*r times fewer image tokens).")
+    ] = 2,
     feature_layer: Annotated[
         int,
         typer.Option("--feature-layer", help="Vision hidden state fed to the projector (-2 = penultimate)."),
@@ -66,7 +73,7 @@ def build_command(
     vlm = VLM.build(
         vision=vision,
         language=language,
-        projector=projector,
+        projector=ProjectorConfig(type=projector, shuffle_factor=shuffle_factor),
         feature_layer=feature_layer,
         select=select.value,
         image_size=image_size,

@@ -11,9 +11,10 @@ from torch import nn
 from vlmkit.config import VLMConfig
 from vlmkit.models.language import build_language_model
 from vlmkit.models.merge import merge_image_features
-from vlmkit.models.projectors import build_projector
+from vlmkit.models.projectors import build_projector, project_with_text
 from vlmkit.models.tiling import TilePacker
-from vlmkit.models.vision import VisionEncoder
+from vlmkit.models.vision import VisionEncoder, build_vision_encoder
+from vlmkit.processing.prompting import IGNORE_INDEX
 from vlmkit.processing.tiling import AnyRes, TileLayout
 
 # image features: [images, tokens, dim] (fixed size) or one [tokens_i, dim] per image (AnyRes)
@@ -31,6 +32,31 @@ def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (steps - leading_pads).clamp(min=0)
 
 
+def prompt_context(labels: torch.Tensor) -> torch.Tensor:
+    """labels [batch, seq] -> [batch, seq] True at the tokens a text-conditioned projector may read in training:
+    not an answer token and before the row's last answer, i.e. the prompt as it was when that answer was
+    generated (earlier answers are left out too: they are trained on). A row without answers: every token."""
+    answer = labels != IGNORE_INDEX
+    steps = torch.arange(labels.shape[1], device=labels.device)
+    last = torch.where(answer, steps, -1).max(dim=1, keepdim=True).values  # [batch, 1]; -1 = no answer
+    return ~answer & ((steps < last) | (last < 0))
+
+
+def _prompt_mask(
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    extra: torch.Tensor | None,
+) -> torch.Tensor:
+    """[batch, seq] True at real prompt tokens: attended, in ``prompt_context`` of the labels, in ``extra``."""
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    for part in (attention_mask, None if labels is None else prompt_context(labels), extra):
+        if part is not None:
+            mask = mask & part.to(mask.device).bool()
+    return mask
+
+
 class VisionLanguageModel(nn.Module):
     """Three explicit sub-modules; parameter names are ``vision.*``, ``projector.*``, ``language_model.*``."""
 
@@ -44,7 +70,7 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.vision = vision if vision is not None else VisionEncoder(config=config.vision)
+        self.vision = vision if vision is not None else build_vision_encoder(config=config.vision)
         self.language_model = (
             language_model if language_model is not None else build_language_model(config.language.hf_config)
         )
@@ -92,6 +118,12 @@ class VisionLanguageModel(nn.Module):
         return self.projector.num_output_tokens(self.vision.num_tokens)
 
     @property
+    def text_conditioned(self) -> bool:
+        """True when the projector reads the prompt: ``encode_images`` then returns the tower's output (what the
+        feature caches keep) and ``embed`` projects each image against its own row's prompt text."""
+        return self.projector.text_conditioned
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -111,7 +143,8 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("tile layouts are needed exactly when the model tiles images (AnyRes)")
         features = self.vision(pixel_values.to(self.device))  # [images or tiles, vision_tokens, vision_dim]
         projector_dtype = next(self.projector.parameters()).dtype
-        projected = self.projector(features.to(projector_dtype))
+        # a text-conditioned projector (cross-attn) runs in ``embed``, where the prompt is known
+        projected = features if self.text_conditioned else self.projector(features.to(projector_dtype))
         return projected if self.tiling is None else self.tiling(projected, layouts=layouts)
 
     def embed(
@@ -121,8 +154,12 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: ImageFeatures | None = None,
         image_layouts: Sequence[TileLayout] | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [batch, seq] (+ images) -> inputs_embeds [batch, seq, lm_dim] with images spliced in.
+
+        ``context_mask`` [batch, seq]: the prompt tokens a text-conditioned projector may read (True; padding
+        and answer tokens False); None = every non-image token.
 
         Pass ``image_features`` (from ``encode_images``, e.g. a cache) instead of ``pixel_values`` to skip encoding;
         ``image_layouts`` go with ``pixel_values`` of an AnyRes model.
@@ -140,6 +177,9 @@ class VisionLanguageModel(nn.Module):
             if image_features is not None:
                 raise ValueError("images were given but the model has no image token configured")
             return embeds
+        if self.text_conditioned and image_features is not None:
+            image_features = project_with_text(self.projector, image_features, embeds=embeds, is_image=is_image,
+                                               context_mask=context_mask)  # fmt: skip
         return merge_image_features(
             inputs_embeds=embeds, input_ids=input_ids, image_features=image_features, image_token_id=image_id
         )
@@ -153,6 +193,7 @@ class VisionLanguageModel(nn.Module):
         image_features: ImageFeatures | None = None,
         image_layouts: Sequence[TileLayout] | None = None,
         labels: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> Any:
         """input_ids [batch, seq], attention_mask [batch, seq], pixel_values [images, 3, S, S], labels [batch, seq].
@@ -161,10 +202,15 @@ class VisionLanguageModel(nn.Module):
 
         Returns the language model's output (``.logits`` [batch, seq, vocab], ``.loss`` when labels are given).
         Without explicit ``position_ids`` they are derived from the mask, as transformers' ``generate`` does.
+        A text-conditioned projector reads the unpadded tokens that are not answers (``labels`` of -100) and,
+        if given, in ``context_mask`` [batch, seq].
         """
         device = self.device
+        if self.text_conditioned:
+            context_mask = _prompt_mask(input_ids, attention_mask=attention_mask, labels=labels, extra=context_mask)
         embeds = self.embed(input_ids=input_ids.to(device), pixel_values=pixel_values,
-                            image_features=image_features, image_layouts=image_layouts)  # fmt: skip
+                            image_features=image_features, image_layouts=image_layouts,
+                            context_mask=context_mask)  # fmt: skip
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
             if (

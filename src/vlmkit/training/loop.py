@@ -109,9 +109,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         config.validate()
-        if config.where_weight > 0 and vlm.model.config.projector.type == "resampler":
+        if config.where_weight > 0 and vlm.model.config.projector.type in ("resampler", "cross-attn"):
             raise ValueError("where_weight needs a projector that keeps the tower's patch grid (linear, mlp); "
-                             "a resampler's queries have no place on it")  # fmt: skip
+                             f"a {vlm.model.config.projector.type}'s tokens have no fixed place on it")  # fmt: skip
         self.vlm, self.config, self.on_step = vlm, config, on_step
         self.out = Path(config.out).expanduser()
         self.accelerator = make_accelerator(config)

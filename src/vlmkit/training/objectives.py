@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.models.vlm import VisionLanguageModel, prompt_context
 from vlmkit.processing.prompting import IGNORE_INDEX
 
 
@@ -46,7 +46,9 @@ class TokenLoss(nn.Module):
         """input_ids/attention_mask/labels [batch, seq]; pixel_values [images, 3, S, S] or
         vision_features [images, vision_tokens, vision_dim] (cached tower output) -> scalar summed loss."""
         image_features, blank = None, None
-        if vision_features is not None:
+        if vision_features is not None and self.model.text_conditioned:  # projected in the model's embed
+            image_features = vision_features
+        elif vision_features is not None:
             projector = self.model.projector
             image_features = projector(vision_features.to(next(projector.parameters()).dtype))
         elif pixel_values is not None:
@@ -54,8 +56,9 @@ class TokenLoss(nn.Module):
         elif self.blank_images:  # before the LM, where a batch with images runs the tower
             size = self.model.config.vision.image_size
             blank = self.model.encode_images(torch.zeros((1, 3, size, size), device=input_ids.device))
+        # a text-conditioned projector reads the prompt only, never the answers it is trained to produce
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
-                            use_cache=False).logits  # fmt: skip
+                            context_mask=prompt_context(labels), use_cache=False).logits  # fmt: skip
         loss = token_loss_sum(logits, labels=labels)
         self.where_part = self.where_mean = None
         if self.where_weight > 0 and image_features is not None:

@@ -12,7 +12,12 @@ PROJECTORS: dict[str, type[Projector]] = {}
 
 
 class Projector(nn.Module):
-    """Maps [n, tokens_in, in_dim] visual tokens to [n, tokens_out, out_dim] LM embeddings."""
+    """Maps [n, tokens_in, in_dim] visual tokens to [n, tokens_out, out_dim] LM embeddings.
+
+    A ``text_conditioned`` projector also reads the prompt: ``forward(features, text=..., text_mask=...)``.
+    """
+
+    text_conditioned = False
 
     def __init__(self, *, config: ProjectorConfig, in_dim: int, out_dim: int) -> None:
         super().__init__()

@@ -31,19 +31,29 @@ class FusedVisionEncoder(nn.Module):
         super().__init__()
         self.config = config
         members = towers if towers is not None else [member_encoder(c) for c in config.towers]
-        self.towers = nn.ModuleList(members)
+        # named ``model`` like every encoder's wrapped module (export and LoRA look it up by that name)
+        self.model = nn.ModuleList(members)
         for tower in members:
             if tower.config.select != "patch" or getattr(tower.config, "tiling", None) is not None:
                 raise ValueError(
                     "a fused tower's members must read patch tokens only (select='patch', no tiling)"
                 )
         self.model_type = "fused"
-        self.name = " + ".join(getattr(t, "name", t.model_type) for t in members)
+        self.name = " + ".join(getattr(t, "description", t.model_type) for t in members)
         self.grid = min(t.config.image_size // t.patch_size for t in members)
         self.hidden_size: int = sum(t.hidden_size for t in members)
         self.patch_size: int = max(1, config.image_size // self.grid)
         self.native_size: int = config.image_size
         self.num_prefix = 0
+
+    @property
+    def description(self) -> str:
+        """For ``vlmkit info``: every member, e.g. ``fused(dinov2 + siglip_vision_model)``."""
+        return f"fused({self.name})"
+
+    @property
+    def towers(self) -> list[nn.Module]:
+        return list(self.model)
 
     @property
     def num_tokens(self) -> int:

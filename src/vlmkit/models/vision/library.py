@@ -211,6 +211,11 @@ class LibraryVisionEncoder(nn.Module):
             )
         self.layer_index = self._layer_index(len(self._blocks()))
 
+    @property
+    def description(self) -> str:
+        """For ``vlmkit info``: the library and the tower, e.g. ``timm:vit_base_patch16_siglip_224``."""
+        return f"{self.model_type}:{self.name}"
+
     def _blocks(self) -> nn.ModuleList:
         return self.model.transformer.resblocks if self.model_type == "open_clip" else self.model.blocks
 
