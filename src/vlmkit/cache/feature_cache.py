@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from vlmkit.models.io import save_file_atomic
 from vlmkit.processing.image import ImageInput, load_image
 
 
@@ -164,14 +164,7 @@ class FeatureCache:
     def _write_disk(self, key: str, features: torch.Tensor) -> None:
         """Write aside, then rename: a reader never sees half a file."""
         path = self._path(key)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"features": features.detach().contiguous().cpu()}, tmp, metadata={"key": key})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_file_atomic({"features": features.detach().contiguous().cpu()}, path, metadata={"key": key})
         with self._lock:
             self._disk[key] = path.stat().st_size
             self._counts["disk_writes"] += 1

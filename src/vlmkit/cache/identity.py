@@ -22,7 +22,7 @@ from torch import nn
 
 
 def _tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
-    out = []
+    out: list[torch.Tensor] = []
     for module in modules:
         for sub in module.modules():  # cheaper than named_parameters(): no name strings built
             out.extend(t for t in sub._parameters.values() if t is not None)
@@ -35,6 +35,11 @@ def weights_stamp(modules: Iterable[nn.Module]) -> int:
     return hash(tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in _tensors(modules)))
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Raw bytes of any dtype (bf16 has no NumPy equivalent, so view it as bytes first)."""
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def weights_digest(modules: Iterable[nn.Module]) -> str:
     """SHA-256 over the dtype, shape and bytes of every parameter and buffer, in module order."""
     digest = hashlib.sha256()
@@ -42,7 +47,7 @@ def weights_digest(modules: Iterable[nn.Module]) -> str:
         data = tensor.detach().contiguous().cpu()
         digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
         if data.numel():
-            digest.update(data.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no extra copy
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().data)  # a memoryview: no extra copy
     return digest.hexdigest()
 
 

@@ -148,13 +148,6 @@ def scene_from_dict(data: dict[str, Any]) -> Scene:
     raise ValueError(f"unknown scene type {data.get('type')!r}")
 
 
-def scene_key(scene: Scene) -> str:
-    """A canonical identity of a scene (equal keys render identical images)."""
-    import json
-
-    return json.dumps(scene.to_dict(), sort_keys=True)
-
-
 # ----------------------------------------------------------------------------------------------- sampling
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +36,21 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name in group[1:]:
             del state[name]
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
+
+
+def save_file_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file aside, then rename it into place: a reader (another process, a resumed run)
+    never sees half a file, and a crash leaves no partial entry."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_weights(model: nn.Module, directory: Path, *, max_shard_bytes: int = 5 * 1024**3) -> None:

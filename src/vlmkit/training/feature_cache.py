@@ -15,29 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Raw bytes of any dtype (bf16 has no NumPy equivalent, so view it as bytes first)."""
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+from vlmkit.cache.identity import config_digest, tensor_bytes, weights_digest
+from vlmkit.models.io import save_file_atomic
 
 
 def encoder_identity(encoder: nn.Module, *, config: dict[str, Any], dtype: torch.dtype) -> str:
-    """SHA-256 over the tower's weights (names, shapes, bytes), its config and the compute dtype."""
-    digest = hashlib.sha256(json.dumps({"config": config, "dtype": str(dtype)}, sort_keys=True).encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor_bytes(tensor))
-    return digest.hexdigest()
+    """SHA-256 over the tower's weights (the package's one weights digest), its config and the compute dtype."""
+    return config_digest({"config": config, "dtype": str(dtype)}, weights_digest([encoder]))
 
 
 class FeatureCache:
@@ -97,11 +89,4 @@ class FeatureCache:
     def _write(self, key: str, features: torch.Tensor) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"features": features.detach().cpu().contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_file_atomic({"features": features.detach().cpu().contiguous()}, path)
