@@ -9,10 +9,13 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from typer._click.exceptions import ClickException
 
 from vlmkit import __version__
 from vlmkit.cli.ask import ask_command
@@ -67,12 +70,12 @@ class VlmkitGroup(TyperGroup):
             return report_exception(exc, debug=debug_enabled())
 
 
-def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
+def _click_exceptions() -> tuple[type[ClickException], type[Exception]]:
     """(ClickException, NoArgsIsHelpError) of the click that typer runs on (vendored since typer 0.2x)."""
     try:
         from typer._click import exceptions
     except ImportError:
-        from click import exceptions  # older typer uses the click package
+        from click import exceptions  # type: ignore[no-redef]  # older typer uses the click package
     no_args = getattr(exceptions, "NoArgsIsHelpError", None) or type("_NeverRaised", (Exception,), {})
     return exceptions.ClickException, no_args
 

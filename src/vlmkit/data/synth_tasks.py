@@ -99,7 +99,7 @@ def ask_shape(rng: random.Random, scene: ShapeScene) -> QA | None:
     return f"What shape is the {target.colour} object?", target.kind
 
 
-def ask_count(rng: random.Random, scene: ShapeScene) -> QA | None:
+def ask_count(rng: random.Random, scene: ShapeScene) -> QA:
     mode = rng.choice(("all", "kind", "colour"))
     if mode == "kind":
         kind = rng.choice(KINDS)

@@ -123,7 +123,8 @@ def _turn_labels(record: dict[str, Any], *, count: int) -> list[dict[str, Any]]:
 
 
 def _message(turn: dict[str, Any], *, image_token: str) -> dict[str, str]:
-    role = _ROLES.get(turn.get("from"))
+    speaker = turn.get("from")
+    role = _ROLES.get(speaker) if isinstance(speaker, str) else None
     if role is None:
         raise RecordError(f"unknown speaker {turn.get('from')!r} (expected human, gpt or system)")
     value = turn.get("value")

@@ -18,21 +18,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
+
+from vlmkit.models.language.protocols import LanguageModel
 
 # Newest first: a model accepting "cache" takes that, older ones only know "past_key_values".
 _CACHE_KWARGS = ("cache", "past_key_values")
 
 
 @functools.lru_cache(maxsize=64)
-def _forward_params(forward_owner: type) -> frozenset[str]:
+def _forward_params(forward_owner: type[nn.Module]) -> frozenset[str]:
     try:
         return frozenset(inspect.signature(forward_owner.forward).parameters)
     except (TypeError, ValueError):  # builtins / C extensions without a signature
         return frozenset()
 
 
-def _unwrap(lm: Any) -> Any:
+def _unwrap(lm: LanguageModel) -> LanguageModel:
     """The transformers model under a wrapper (e.g. PEFT) whose forward only takes ``**kwargs``."""
     while not (_forward_params(type(lm)) & set(_CACHE_KWARGS)) and hasattr(lm, "get_base_model"):
         inner = lm.get_base_model()
@@ -42,7 +45,7 @@ def _unwrap(lm: Any) -> Any:
     return lm
 
 
-def cache_kwarg(lm: Any) -> str:
+def cache_kwarg(lm: LanguageModel) -> str:
     """The forward keyword that takes the KV cache for ``lm``."""
     params = _forward_params(type(_unwrap(lm)))
     for name in _CACHE_KWARGS:
@@ -52,12 +55,12 @@ def cache_kwarg(lm: Any) -> str:
     return "past_key_values"
 
 
-def accepts_logits_to_keep(lm: Any) -> bool:
+def accepts_logits_to_keep(lm: LanguageModel) -> bool:
     """Whether ``lm.forward`` can compute logits for the last position only."""
     return "logits_to_keep" in _forward_params(type(_unwrap(lm)))
 
 
-def new_cache(lm: Any) -> DynamicCache:
+def new_cache(lm: LanguageModel) -> DynamicCache:
     """An empty dynamic cache laid out for ``lm`` (sliding-window layers included when the config has them)."""
     config = getattr(lm, "config", None)
     try:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import StaticCache
 
 from vlmkit.generation.kv_cache import plain_layers
+from vlmkit.models.language.protocols import LanguageModel
 
 # cache lengths round up to this, so nearby prompt lengths share buffers and compiled graphs
 LENGTH_BUCKET = 256
@@ -32,11 +33,11 @@ def bucket_length(length: int, *, multiple: int = LENGTH_BUCKET) -> int:
     return -(-length // multiple) * multiple
 
 
-def new_static_cache(lm: Any, *, max_len: int) -> StaticCache:
+def new_static_cache(lm: LanguageModel, *, max_len: int) -> StaticCache:
     return StaticCache(config=lm.config, max_cache_len=max_len)
 
 
-def static_cache_supported(lm: Any) -> bool:
+def static_cache_supported(lm: LanguageModel) -> bool:
     """Whether ``lm`` gets a static cache whose layers all keep every position (no sliding window, no
     linear-attention state): the layout the static decode loop and prefix restore assume."""
     config = getattr(lm, "config", None)
@@ -50,7 +51,8 @@ def static_cache_supported(lm: Any) -> bool:
 
 def reset_static_cache(cache: StaticCache) -> None:
     """Mark every layer empty. Stale values past the new length are never read: the attention mask hides them."""
-    for layer in cache.layers:
+    layers: Sequence[Any] = cache.layers  # plain StaticLayers here (static_cache_supported)
+    for layer in layers:
         if layer.is_initialized:
             layer.cumulative_length.zero_()
 
@@ -64,7 +66,7 @@ class StaticCachePool:
         self._lock = threading.Lock()
 
     def acquire(
-        self, lm: Any, *, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+        self, lm: LanguageModel, *, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[tuple[Any, ...], StaticCache]:
         """An empty cache for this shape (reused when one is idle) and the key to ``release`` it under."""
         key = (id(lm), batch, max_len, dtype, str(device))
@@ -93,7 +95,7 @@ DEFAULT_POOL = StaticCachePool()
 # ------------------------------------------------------------------------------------------- decode step
 
 
-def forward_logits(lm: Any, inputs: dict[str, Any]) -> torch.Tensor:
+def forward_logits(lm: LanguageModel, inputs: dict[str, Any]) -> torch.Tensor:
     """The decode forward: last-position logits as float32.  # [batch, vocab]"""
     return lm(**inputs).logits[:, -1, :].to(torch.float32)
 
@@ -114,7 +116,7 @@ class DecodeStep:
 
     def __init__(self, *, options: dict[str, Any] | None) -> None:
         self.options = options
-        self.cuda_graphs = bool(options) and options.get("mode") in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = options is not None and options.get("mode") in ("reduce-overhead", "max-autotune")
         self._fn = forward_logits if options is None else self._compiled_fn(options)
 
     @classmethod
@@ -125,7 +127,7 @@ class DecodeStep:
                 cls._compiled[key] = torch.compile(forward_logits, **options)
             return cls._compiled[key]
 
-    def __call__(self, lm: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    def __call__(self, lm: LanguageModel, inputs: dict[str, Any]) -> torch.Tensor:
         if self._fn is forward_logits:
             return forward_logits(lm, inputs)
         if self.cuda_graphs:

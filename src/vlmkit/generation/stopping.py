@@ -11,6 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmkit.models.language.protocols import LanguageModel
+from vlmkit.processing.tokenizer_protocol import Tokenizer
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -37,7 +40,9 @@ def _as_id_list(value: Any) -> list[int]:
     return [int(value)]
 
 
-def resolve_eos_token_ids(*, lm: Any, tokenizer: Any, eos_token_ids: Sequence[int] | None) -> list[int]:
+def resolve_eos_token_ids(
+    *, lm: LanguageModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int] | None
+) -> list[int]:
     """Explicit ids win; else lm.generation_config (or lm.config) eos ids plus the tokenizer's eos, deduplicated."""
     if eos_token_ids is not None:
         return list(dict.fromkeys(int(i) for i in eos_token_ids))
@@ -45,13 +50,15 @@ def resolve_eos_token_ids(*, lm: Any, tokenizer: Any, eos_token_ids: Sequence[in
     ids = _as_id_list(getattr(generation_config, "eos_token_id", None))
     if not ids:
         config = getattr(lm, "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config = (
+            config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        )
         ids = _as_id_list(getattr(text_config, "eos_token_id", None))
     ids += _as_id_list(getattr(tokenizer, "eos_token_id", None))
     return list(dict.fromkeys(ids))
 
 
-def resolve_pad_token_id(*, lm: Any, tokenizer: Any, eos_token_ids: Sequence[int]) -> int:
+def resolve_pad_token_id(*, lm: LanguageModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int]) -> int:
     """The id fed to rows that already finished: tokenizer pad, model pad, first eos, else 0."""
     candidates = (
         getattr(tokenizer, "pad_token_id", None),
@@ -69,7 +76,7 @@ def resolve_pad_token_id(*, lm: Any, tokenizer: Any, eos_token_ids: Sequence[int
 class StopStrings:
     """Decoding plus stop-string search, shared by ``generate`` and ``stream`` so both cut text identically."""
 
-    tokenizer: Any
+    tokenizer: Tokenizer
     stops: tuple[str, ...] = ()
 
     def decode(self, token_ids: Sequence[int]) -> str:

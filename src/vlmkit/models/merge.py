@@ -41,7 +41,7 @@ def merge_image_features(
             f"placeholder/image mismatch: the input has {spans} but {n_images} images were given "
             f"({per_image} tokens per image)"
         )
-    if n_images == 0:
+    if n_images == 0 or image_features is None:
         return inputs_embeds
     flat = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
     return inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from vlmkit.config import CLIP_MEAN, CLIP_STD, MAX_JSON_BYTES, PromptConfig, VisionConfig, check_regular_file
 from vlmkit.models.io import ModelDirError, check_no_pickle_only, check_no_remote_code, read_json
+from vlmkit.models.language.protocols import LanguageModel
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 # tokenizer files transformers reads itself: each must be a regular file of bounded size (tokenizer.json of the
 # largest vocabularies is ~35 MB)
@@ -69,7 +71,7 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
 
 def vision_config_for(*, tower: nn.Module, source: str | Path, overrides: dict[str, Any]) -> VisionConfig:
     """VisionConfig from the tower's config and its preprocessor_config.json, then user overrides."""
-    hf = tower.config
+    hf: Any = tower.config  # the transformers config of this tower class (CLIPVisionConfig, ...)
     kind = hf.model_type.replace("_vision_model", "")
     mean, std = _DEFAULT_NORM.get(kind, (CLIP_MEAN, CLIP_STD))
     size, mode = hf.image_size, "resize" if kind == "siglip" else "crop"
@@ -104,16 +106,18 @@ def _preprocessor_size(pre: dict[str, Any], *, default: int) -> int:
     return default
 
 
-def load_language_model(source: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+def load_language_model(source: str | Path, *, dtype: torch.dtype | None = None) -> LanguageModel:
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(source)
     read_json(path / "config.json")
     check_no_pickle_only(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    # transformers declares get_input_embeddings() an nn.Module; a causal LM's is an nn.Embedding
+    return cast(LanguageModel, model)
 
 
-def load_tokenizer(source: str | Path) -> Any:
+def load_tokenizer(source: str | Path) -> Tokenizer:
     from transformers import AutoTokenizer
 
     path = check_model_dir(source)
@@ -121,12 +125,13 @@ def load_tokenizer(source: str | Path) -> Any:
         if (path / name).exists():
             check_regular_file(path / name, error=ModelDirError, max_bytes=MAX_JSON_BYTES)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        # single-item calls only: the Tokenizer protocol's int / str results (tokenizer_protocol.py)
+        return cast(Tokenizer, AutoTokenizer.from_pretrained(path, trust_remote_code=False))
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{path}: could not load a tokenizer ({exc})") from None
 
 
-def add_image_token(tokenizer: Any, prompt: PromptConfig) -> int:
+def add_image_token(tokenizer: Tokenizer, prompt: PromptConfig) -> int:
     """Register the image placeholder as a special token (idempotent) and give the tokenizer a pad token."""
     from tokenizers import AddedToken
 

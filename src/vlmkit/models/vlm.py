@@ -10,10 +10,13 @@ from torch import nn
 
 from vlmkit.config import VLMConfig
 from vlmkit.models.language import build_language_model
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.models.merge import merge_image_features
 from vlmkit.models.projectors import build_projector, project_with_text
+from vlmkit.models.projectors.registry import Projector
 from vlmkit.models.tiling import TilePacker
 from vlmkit.models.vision import VisionEncoder, build_vision_encoder
+from vlmkit.models.vision.towers import VisionTower
 from vlmkit.processing.prompting import IGNORE_INDEX
 from vlmkit.processing.tiling import AnyRes, TileLayout
 
@@ -60,12 +63,19 @@ def _prompt_mask(
 class VisionLanguageModel(nn.Module):
     """Three explicit sub-modules; parameter names are ``vision.*``, ``projector.*``, ``language_model.*``."""
 
+    # declared so that type checkers see them, not ``nn.Module.__getattr__``'s ``Tensor | Module``
+    config: VLMConfig
+    vision: VisionTower
+    projector: Projector
+    language_model: LanguageModel
+    tiling: TilePacker | None
+
     def __init__(
         self,
         *,
         config: VLMConfig,
         vision: VisionEncoder | None = None,
-        language_model: nn.Module | None = None,
+        language_model: LanguageModel | None = None,
     ) -> None:
         super().__init__()
         config.validate()

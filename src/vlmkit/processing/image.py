@@ -164,8 +164,8 @@ class ImageProcessor:
     """Turns images into normalised ``[n, 3, image_size, image_size]`` float32 tensors."""
 
     image_size: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
+    image_mean: tuple[float, ...]  # 3 values (checked)
+    image_std: tuple[float, ...]
     resize_mode: str = "crop"  # "resize" | "pad" | "crop"
     resample: int = Image.Resampling.BICUBIC
 

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from vlmkit.processing.processor import Sample
 
@@ -108,7 +108,10 @@ class Job:
         if self.stream:
             self.emit("done", result) if error is None else self.emit("error", error)
         elif not self.future.done():
-            self.future.set_exception(error) if error is not None else self.future.set_result(result)
+            if error is not None:
+                self.future.set_exception(error)
+            else:  # callers pass exactly one of result / error
+                self.future.set_result(cast(Completion, result))
 
 
 @dataclass

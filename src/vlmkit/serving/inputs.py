@@ -185,6 +185,8 @@ def _first_line(exc: BaseException) -> str:
 def context_length_of(model: Any) -> int | None:
     """The language model's ``max_position_embeddings`` (None when it has no fixed context)."""
     config = getattr(getattr(model, "language_model", None), "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = (
+        config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    )
     value = getattr(text_config, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None

@@ -81,7 +81,7 @@ def no_sync(root: Any) -> Iterator[None]:
         root.set_requires_gradient_sync(True)
 
 
-def _options(**kwargs: bool) -> Any:
+def _options(**kwargs: Any) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kwargs)
@@ -91,7 +91,8 @@ def full_state(root: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tens
     """The VLM's full (unsharded) state dict on the main process, ``{}`` elsewhere. Collective: call on every process."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(
+    # torch types the values as a union of state kinds; a full model state dict holds plain tensors
+    state: dict[str, Any] = get_model_state_dict(
         root, options=_options(cpu_offload=True, ignore_frozen_params=trainable_only)
     )
     return {name.removeprefix(ROOT_PREFIX): tensor for name, tensor in state.items()}
@@ -101,7 +102,7 @@ def load_trainable(root: nn.Module, *, weights: dict[str, torch.Tensor]) -> None
     """Shard full trainable weights (read by every process) into the model. Collective."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    prefixed = {ROOT_PREFIX + name: tensor for name, tensor in weights.items()}
+    prefixed: dict[str, Any] = {ROOT_PREFIX + name: tensor for name, tensor in weights.items()}
     set_model_state_dict(root, prefixed, options=_options(strict=False))
 
 
@@ -116,7 +117,7 @@ def full_optimizer_state(root: nn.Module, *, optimizer: torch.optim.Optimizer) -
     process; ``{}`` elsewhere), so FSDP and DDP checkpoints are the same files. Collective."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(root, optimizer, options=_options(cpu_offload=True))
+    state: dict[str, Any] = get_optimizer_state_dict(root, optimizer, options=_options(cpu_offload=True))
     if not state:
         return {}
     index = {name: i for i, name in enumerate(_optimizer_names(root, optimizer))}
@@ -130,7 +131,10 @@ def load_optimizer_state(root: nn.Module, *, optimizer: torch.optim.Optimizer, s
 
     names = _optimizer_names(root, optimizer)
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
-    keyed = {"state": {names[int(i)]: value for i, value in state["state"].items()}, "param_groups": groups}
+    keyed: dict[str, Any] = {
+        "state": {names[int(i)]: value for i, value in state["state"].items()},
+        "param_groups": groups,
+    }
     set_optimizer_state_dict(root, optimizer, keyed, options=_options())
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmkit.config import LanguageConfig, ProjectorConfig, PromptConfig, VisionConfig, VLMConfig
 from vlmkit.models.io import ModelDirError, check_no_pickle_only
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.models.parts import add_image_token, hf_config_dict, load_tokenizer, read_json
 from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.vlm import VisionLanguageModel
@@ -111,7 +111,7 @@ def _load_transformers_llava(directory: Path, *, dtype: torch.dtype | None, clas
     return llava.eval()
 
 
-def causal_lm_from_llava(llava: Any, *, source: Path) -> nn.Module:
+def causal_lm_from_llava(llava: Any, *, source: Path) -> LanguageModel:
     """llava's language model + ``lm_head`` as one ``*ForCausalLM`` sharing the same tensors (no copy)."""
     from transformers import AutoModelForCausalLM
 

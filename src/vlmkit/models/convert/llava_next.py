@@ -145,7 +145,7 @@ def tile_size(pre: dict[str, Any], *, kind: str, directory: Path) -> int:
     if "image_mean" not in pre or "image_std" not in pre:
         problems.append("no image_mean / image_std")
     size, crop = pre.get("size") or {}, pre.get("crop_size") or {}
-    sides = (
+    sides: set[Any] = (  # JSON values, checked below
         {size.get("shortest_edge")} if "shortest_edge" in size else {size.get("height"), size.get("width")}
     )
     if pre.get("do_center_crop"):

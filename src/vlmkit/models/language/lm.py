@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from vlmkit.models.language.protocols import LanguageModel
 
 
 def language_hf_config(hf_config: dict[str, Any]):
@@ -17,14 +17,14 @@ def language_hf_config(hf_config: dict[str, Any]):
         raise ValueError(f"unsupported language model_type {hf_config['model_type']!r}: {exc}") from None
 
 
-def build_language_model(hf_config: dict[str, Any]) -> nn.Module:
+def build_language_model(hf_config: dict[str, Any]) -> LanguageModel:
     """A randomly initialised causal LM from its config dict (weights are loaded separately)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(language_hf_config(hf_config))
 
 
-def ensure_vocab(model: nn.Module, *, size: int) -> None:
+def ensure_vocab(model: LanguageModel, *, size: int) -> None:
     """Grow the input/output embeddings to hold ``size`` tokens (new rows: mean of the old ones)."""
     current = model.get_input_embeddings().weight.shape[0]
     if size > current:

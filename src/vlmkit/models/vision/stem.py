@@ -10,6 +10,8 @@ ends in a 1x1 convolution to the tower's width, so it emits exactly the patch gr
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -53,7 +55,7 @@ class ConvStem(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         # transformers' embeddings read ``patch_embedding.weight.dtype`` to cast the pixels
-        return self.layers[-1].weight
+        return cast(nn.Conv2d, self.layers[-1]).weight  # the 1x1 projection appended last
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [n, 3, S, S] -> patch grid [n, hidden, S / 2**stages, S / 2**stages]."""

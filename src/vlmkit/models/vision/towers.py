@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmkit.config import VisionConfig
 from vlmkit.models.io import ModelDirError
@@ -21,11 +20,13 @@ from vlmkit.models.vision.fused import FusedVisionEncoder, member_encoder
 from vlmkit.models.vision.library import LIBRARIES, LibraryVisionEncoder, detect_library, load_library_tower
 
 VisionSource = str | Path | Sequence[str | Path]
+# every encoder a VLM's ``vision`` can be: the same interface (hidden_size, patch_size, num_tokens, config)
+VisionTower = VisionEncoder | FusedVisionEncoder | LibraryVisionEncoder
 # overrides that apply to each member of a fused tower; the rest (size, resize mode) belong to the fused input
 _MEMBER_OVERRIDES = ("feature_layer", "select")
 
 
-def build_vision_encoder(*, config: VisionConfig) -> nn.Module:
+def build_vision_encoder(*, config: VisionConfig) -> VisionTower:
     """A randomly initialised encoder for ``config`` (weights are loaded afterwards)."""
     if getattr(config, "towers", ()):
         return FusedVisionEncoder(config=config)
@@ -47,7 +48,7 @@ def vision_sources(source: VisionSource) -> list[tuple[str | None, Path]]:
     return out
 
 
-def load_vision(source: VisionSource, *, dtype: torch.dtype | None, overrides: dict[str, Any]) -> nn.Module:
+def load_vision(source: VisionSource, *, dtype: torch.dtype | None, overrides: dict[str, Any]) -> VisionTower:
     """Load the tower(s) named by ``source``; the encoder's ``.config`` is the model's VisionConfig."""
     sources = vision_sources(source)
     if len(sources) == 1:
@@ -73,7 +74,7 @@ def load_vision(source: VisionSource, *, dtype: torch.dtype | None, overrides: d
 
 def _load_one(
     path: Path, *, kind: str | None, dtype: torch.dtype | None, overrides: dict[str, Any]
-) -> nn.Module:
+) -> VisionEncoder | LibraryVisionEncoder:
     path = check_model_dir(path.expanduser())
     detected = detect_library(path)
     kind = kind or detected

@@ -35,6 +35,7 @@ from torch import nn
 
 from vlmkit.data.synth_render import draw_shape
 from vlmkit.data.synth_scene import BACKGROUNDS, COLOURS, GRID, KINDS, SIZES, DocumentScene, Scene, ShapeScene
+from vlmkit.models.vision.towers import VisionTower
 from vlmkit.processing.image import ImageLoadError, ImageProcessor, load_image
 from vlmkit.training.recipes.vision_pretrain import normalise, train_tower, uint8_pixels
 
@@ -214,7 +215,7 @@ def scene_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
 
 
 def pretrain_vision_on_scenes(
-    *, vision: nn.Module, labels: SceneLabels, processor: ImageProcessor, minutes: float,
+    *, vision: VisionTower, labels: SceneLabels, processor: ImageProcessor, minutes: float,
     max_steps: int | None = None, batch_size: int, lr: float, weight_decay: float, seed: int, where: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, float]:  # fmt: skip

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from vlmkit.data.dataset import Record
+from vlmkit.models.vision.towers import VisionTower
 from vlmkit.processing.image import ImageLoadError, ImageProcessor, load_image
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 from vlmkit.training.recipes import segment_targets
 
 
@@ -66,7 +69,7 @@ class AnswerProbe(nn.Module):
 
 
 def build_triples(
-    records: Sequence[Record], *, image_folder: Path, tokenizer: object, processor: ImageProcessor, vocab: int
+    records: Sequence[Record], *, image_folder: Path, tokenizer: Tokenizer, processor: ImageProcessor, vocab: int
 ) -> Triples:
     """Single-image records -> triples; multi-image and text-only records do not teach one image."""
     images: list[torch.Tensor] = []
@@ -98,8 +101,8 @@ def _turn_pairs(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _ids(tokenizer: object, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:64]  # type: ignore[operator]
+def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:64]
 
 
 def normalise(images: torch.Tensor, *, processor: ImageProcessor) -> torch.Tensor:
@@ -109,7 +112,7 @@ def normalise(images: torch.Tensor, *, processor: ImageProcessor) -> torch.Tenso
     return (images.float() / 255 - mean) / std
 
 
-def uint8_pixels(picture: object, *, processor: ImageProcessor) -> torch.Tensor:
+def uint8_pixels(picture: Image.Image, *, processor: ImageProcessor) -> torch.Tensor:
     """The processor's geometry (resize/pad/crop) without normalisation, as uint8 [3, S, S]."""
     normalised = processor.preprocess_one(picture)  # [3, S, S]
     mean = torch.tensor(processor.image_mean)[:, None, None]
@@ -154,7 +157,7 @@ def answer_token_loss(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tens
 
 def pretrain_vision(
     *,
-    vision: nn.Module,
+    vision: VisionTower,
     triples: Triples,
     processor: ImageProcessor,
     minutes: float,
