@@ -210,3 +210,125 @@ def test_unsupported_onevision_aspect_is_refused(tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelDirError, match="projector_hidden_act.*vision_aspect_ratio='pad'"):
         VLM.from_pretrained(directory)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+FORMAT = {"llava_next": "hf-llava-next", "llava_onevision": "hf-llava-onevision"}
+
+
+def test_export_round_trip_gives_identical_logits_and_inputs(family, tmp_path):
+    """import -> export -> transformers: the same logits as the original checkpoint, the same processor output."""
+    from vlmkit.models.convert.export_anyres import export_hf_anyres
+
+    name, _, model, processor, vlm = family
+    out = export_hf_anyres(vlm, out=tmp_path / "exported", format=FORMAT[name])
+    reloaded = type(model).from_pretrained(out).eval()
+    if name == "llava_next":
+        from transformers import AutoProcessor
+
+        exported_processor = AutoProcessor.from_pretrained(out)
+    else:
+        from transformers import AutoTokenizer, LlavaOnevisionImageProcessor
+
+        from anyres_fixtures import onevision_processor
+
+        settings = json.loads((out / "processor_config.json").read_text())
+        exported_processor = onevision_processor(
+            tokenizer=AutoTokenizer.from_pretrained(out), image_processor=LlavaOnevisionImageProcessor.from_pretrained(out),
+            num_image_tokens=settings["num_image_tokens"], aspect=settings["vision_aspect_ratio"])  # fmt: skip
+        exported_processor.chat_template = (out / "chat_template.jinja").read_text()
+    prompts = [(PROMPT, pics("portrait", seed=2)), ("Compare.", pics("wide", "square", seed=4))]
+    original, exported = hf_inputs(processor, prompts), hf_inputs(exported_processor, prompts)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        assert torch.equal(original[key], exported[key]), key
+    positions = (original["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(**original, position_ids=positions).logits
+        got = reloaded(**exported, position_ids=positions).logits
+    assert float((expected - got).abs().max()) == 0.0
+
+
+def test_export_refuses_what_the_format_cannot_express_listing_every_reason(family, tmp_path):
+    from vlmkit.models.convert.export import export_hf_llava
+    from vlmkit.models.convert.export_anyres import export_hf_anyres
+
+    name, _, _, _, vlm = family
+    other = "hf-llava-onevision" if name == "llava_next" else "hf-llava-next"
+    with pytest.raises(ValueError, match="cannot export to hf-llava: AnyRes tiling"):
+        export_hf_llava(vlm, out=tmp_path / "a")
+    expected = (
+        "no token cap.*tiled images in multi-image" if name == "llava_next" else "a token cap.*multi-image"
+    )
+    with pytest.raises(ValueError, match=f"cannot export to {other}: {expected}"):
+        export_hf_anyres(vlm, out=tmp_path / "b", format=other)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------------- original LLaVA-NeXT
+
+
+def save_original_next(directory, *, hf_model, **fields):
+    """The llava-hf NeXT weights laid out as haotian-liu/LLaVA saves LLaVA-1.6, plus the tower as its own dir."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor
+
+    from anyres_fixtures import NEXT_PINPOINTS, TILE, llama_like_tokenizer
+
+    tower = directory / "clip-tower"
+    hf_model.model.vision_tower.save_pretrained(tower)
+    CLIPImageProcessor(
+        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}
+    ).save_pretrained(tower)
+    root = directory / "llava-v1.6"
+    root.mkdir()
+    mlp = hf_model.model.multi_modal_projector
+    state = {f"model.{k}": v for k, v in hf_model.model.language_model.state_dict().items()}
+    state |= {"lm_head.weight": hf_model.lm_head.weight, "model.image_newline": hf_model.model.image_newline,
+              "model.mm_projector.0.weight": mlp.linear_1.weight, "model.mm_projector.0.bias": mlp.linear_1.bias,
+              "model.mm_projector.2.weight": mlp.linear_2.weight, "model.mm_projector.2.bias": mlp.linear_2.bias}  # fmt: skip
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(root / "model.safetensors"))
+    config = hf_model.config.text_config.to_dict() | {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch", "mm_hidden_size": 32, "image_aspect_ratio": "anyres",
+        "image_grid_pinpoints": [[w, h] for h, w in NEXT_PINPOINTS], "mm_patch_merge_type": "spatial_unpad",
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, **fields,
+    }  # fmt: skip
+    (root / "config.json").write_text(json.dumps(config))
+    llama_like_tokenizer().save_pretrained(root)
+    return root, tower
+
+
+def test_original_llava_next_layout_equals_llava_hf(family, tmp_path):
+    name, _, model, processor, vlm = family
+    if name != "llava_next":
+        pytest.skip("LLaVA-1.6 layout")
+    root, tower = save_original_next(tmp_path, hf_model=model)
+    original = VLM.from_pretrained(root, vision_tower=tower)
+    assert original.config.vision.tiling == vlm.config.vision.tiling
+    prompts = [(PROMPT, pics("portrait", seed=1)), ("Compare.", pics("wide", "tiny", seed=2))]
+    expected, got = hf_inputs(processor, prompts), vlm_inputs(vlm, prompts)
+    check_logits(name, model, original, expected, got)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"mm_patch_merge_type": "flat"}, "mm_patch_merge_type='flat'"),
+     ({"image_aspect_ratio": "anyres_big", "image_grid_pinpoints": "(1x1)"}, "image_aspect_ratio.*image_grid_pinpoints")],
+)  # fmt: skip
+def test_original_llava_next_refusals(family, tmp_path, fields, message):
+    name, _, model, _, _ = family
+    if name != "llava_next":
+        pytest.skip("LLaVA-1.6 layout")
+    root, tower = save_original_next(tmp_path, hf_model=model, **fields)
+    with pytest.raises(ModelDirError, match=message):
+        VLM.from_pretrained(root, vision_tower=tower)
+
+
+def test_original_grid_range_is_read_in_llava_order():
+    from vlmkit.models.convert.llava_original import _original_pinpoints
+
+    assert _original_pinpoints("(1x1),...,(2x3)", tile_size=10) == (
+        (10, 10), (20, 10), (30, 10), (10, 20), (20, 20), (30, 20))  # fmt: skip
+    assert _original_pinpoints([[20, 10]], tile_size=10) == ((10, 20),)  # LLaVA's (width, height)

@@ -23,7 +23,14 @@ from vlmkit.cache import (
     prompt_codes,
 )
 from vlmkit.cache.identity import config_digest
-from vlmkit.config import SCHEMA_VERSION, LanguageConfig, ProjectorConfig, PromptConfig, VLMConfig
+from vlmkit.config import (
+    SCHEMA_VERSION,
+    LanguageConfig,
+    ProjectorConfig,
+    PromptConfig,
+    TilingConfig,
+    VLMConfig,
+)
 from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult, PromptKV, generate, stream
 from vlmkit.generation.kv_cache import new_cache, plain_layers
 from vlmkit.generation.static_cache import DEFAULT_POOL
@@ -220,6 +227,8 @@ class VLM:
         image_size: int | None = None,
         resize_mode: str | None = None,
         conv_stem: tuple[int, ...] | list[int] = (),
+        resolution: str = "fixed",
+        tiling: TilingConfig | dict[str, Any] | None = None,
         template: str = "auto",
         system: str | None = None,
         dtype: str | torch.dtype | None = None,
@@ -232,6 +241,8 @@ class VLM:
         library), or a list of them (or ``"A,B"``) for a fused tower (docs/parts.md).
         ``conv_stem`` (channel widths) replaces the tower's patch embedding with a new convolutional stem
         (``models/vision/stem.py``): for towers trained from scratch; it discards a pre-trained patch embedding.
+        ``resolution="anyres"`` tiles each image (LLaVA-NeXT style) at ``image_size`` per tile: ``tiling`` is a
+        ``TilingConfig`` (or its fields as a dict; default: every grid of at most 4 tiles) (docs/resolution.md).
 
         ``options`` are the constructor's inference options (caches, compile, ...).
         """
@@ -243,6 +254,8 @@ class VLM:
                        "resize_mode": resize_mode, "conv_stem": tuple(conv_stem) or None},
         )  # fmt: skip
         vision_cfg = encoder.config
+        vision_cfg.tiling = _tiling_for(resolution, tiling)
+        vision_cfg.validate()
         language_model = load_language_model(language, dtype=torch_dtype)
         tokenizer = load_tokenizer(language)
         prompt = PromptConfig(template=template, system=system)
@@ -514,9 +527,25 @@ class VLM:
             return model.encode_images(pixels)
         return torch.cat([model.encode_images(pixels[i : i + 1]) for i in range(pixels.shape[0])])
 
-    def info(self) -> dict[str, Any]:
-        """A summary for ``vlmkit info``: parts, sizes and parameter counts."""
+    def image_token_count(self, *, width: int, height: int, images_in_prompt: int = 1) -> int:
+        """LM tokens one ``width`` x ``height`` image takes (fixed resolution: the same for every size)."""
+        anyres = self.model.anyres
+        if anyres is None:
+            return self.model.num_image_tokens
+        if width < 1 or height < 1:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        tiled = anyres.tiles_for(num_images=images_in_prompt)
+        return anyres.num_tokens(anyres.layout(height=height, width=width, tiled=tiled))
+
+    def info(self, *, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """A summary for ``vlmkit info``: parts, sizes and parameter counts; ``image_size`` (width, height) gives
+        that image's token count (AnyRes: otherwise the largest an image can take)."""
         m = self.model
+        tiling = self.config.vision.tiling
+        if image_size is not None:
+            image_tokens = self.image_token_count(width=image_size[0], height=image_size[1])
+        else:
+            image_tokens = m.anyres.largest()[1] if m.anyres is not None else m.num_image_tokens
         counts = {name: sum(p.numel() for p in getattr(m, name).parameters())
                   for name in ("vision", "projector", "language_model")}  # fmt: skip
         return {
@@ -524,11 +553,26 @@ class VLM:
             "language": self.config.language.hf_config.get("model_type"),
             "projector": self.config.projector.type,
             "image_size": self.config.vision.image_size,
-            "image_tokens": m.num_image_tokens,
+            "image_tokens": image_tokens,
+            "resolution": "anyres" if tiling is not None else "fixed",
+            "tiling": dataclasses.asdict(tiling) if tiling is not None else None,
             "template": self.processor.template,
             "dtype": str(m.dtype).replace("torch.", ""),
             "parameters": counts | {"total": sum(counts.values())},
         }
+
+
+def _tiling_for(resolution: str, tiling: TilingConfig | dict[str, Any] | None) -> TilingConfig | None:
+    """``VLM.build``'s resolution choice -> the vision config's tiling section."""
+    if resolution not in ("fixed", "anyres"):
+        raise ValueError(f"resolution must be 'fixed' or 'anyres', got {resolution!r}")
+    if resolution == "fixed":
+        if tiling is not None:
+            raise ValueError("tiling settings need resolution='anyres'")
+        return None
+    if isinstance(tiling, dict):
+        return TilingConfig.from_dict(tiling)  # names a bad field
+    return tiling if tiling is not None else TilingConfig(max_tiles=4)
 
 
 def _images_before(codes: np.ndarray, *, counts: int | Sequence[int], num_images: int) -> int:

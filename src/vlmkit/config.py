@@ -74,6 +74,11 @@ class TilingConfig:
     # OneVision: the images of a multi-image prompt get the base view only
     multi_image_base_only: bool = False
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TilingConfig:
+        """Checked field names and types (values are checked against a tile size by ``validate``)."""
+        return _from_dict(cls, data, prefix="vision.tiling.")
+
     def pinpoints(self, tile_size: int) -> list[tuple[int, int]]:
         """The canvases to choose from, as (height, width) pixels."""
         if self.grid_pinpoints:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -54,6 +54,28 @@ def build_command(
     resize_mode: Annotated[
         ResizeMode | None, typer.Option("--resize-mode", help="Preprocessing (default: the tower's own).")
     ] = None,
+    anyres: Annotated[
+        bool, typer.Option("--anyres", help="Tile each image (LLaVA-NeXT AnyRes) at --image-size per tile.")
+    ] = False,
+    max_tiles: Annotated[
+        int | None, typer.Option("--max-tiles", min=1, help="AnyRes: every grid of at most N tiles (default 4).")
+    ] = None,
+    grid_pinpoints: Annotated[
+        str | None,
+        typer.Option("--grid-pinpoints", help="AnyRes canvases instead: HxW,HxW,... pixels (tile multiples)."),
+    ] = None,
+    max_tile_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tile-tokens", min=1, help="AnyRes: downsample above N tiles' tokens (OneVision)."),
+    ] = None,
+    no_unpad: Annotated[bool, typer.Option("--no-unpad", help="AnyRes: keep the padding's tokens.")] = False,
+    no_image_newline: Annotated[
+        bool, typer.Option("--no-image-newline", help="AnyRes: no learned token after each row.")
+    ] = False,
+    multi_image_base_only: Annotated[
+        bool,
+        typer.Option("--multi-image-base-only", help="AnyRes: images of multi-image prompts are not tiled."),
+    ] = False,
     template: Annotated[
         str,
         typer.Option("--template", help="Chat template: auto (the tokenizer's, else llava-v1) or a name."),
@@ -67,6 +89,9 @@ def build_command(
 ) -> None:
     """Compose vision tower + new projector + language model and save it as a vlmkit model dir."""
     _check_projector(projector)
+    tiling = _tiling(anyres=anyres, max_tiles=max_tiles, grid_pinpoints=grid_pinpoints,
+                     max_tile_tokens=max_tile_tokens, unpad=not no_unpad, image_newline=not no_image_newline,
+                     multi_image_base_only=multi_image_base_only)  # fmt: skip
     quiet_libraries()
     from vlmkit.api import VLM
 
@@ -78,6 +103,8 @@ def build_command(
         select=select.value,
         image_size=image_size,
         resize_mode=resize_mode.value if resize_mode else None,
+        resolution="anyres" if anyres else "fixed",
+        tiling=tiling,
         template=template,
         system=system,
         dtype=dtype.value,
@@ -88,6 +115,32 @@ def build_command(
         f"saved {info['vision']} + {info['projector']} projector + {info['language']} to {saved} "
         f"({info['image_tokens']} image tokens, {info['parameters']['total']:,} parameters)"
     )
+
+
+def _tiling(*, anyres: bool, grid_pinpoints: str | None, **fields: Any) -> dict[str, Any] | None:
+    """The AnyRes options as tiling fields (None without --anyres; the options alone are an error)."""
+    changed = grid_pinpoints is not None or any(
+        value != default for value, default in zip(fields.values(), (None, None, True, True, False), strict=True)
+    )
+    if not anyres:
+        if changed:
+            raise CLIError("tiling options (--max-tiles, --grid-pinpoints, ...) need --anyres")
+        return None
+    if grid_pinpoints is not None and fields["max_tiles"] is not None:
+        raise CLIError("give --max-tiles or --grid-pinpoints, not both")
+    if grid_pinpoints is not None:
+        return fields | {"grid_pinpoints": _pinpoints(grid_pinpoints)}
+    return fields | {"max_tiles": fields["max_tiles"] or 4}
+
+
+def _pinpoints(text: str) -> list[list[int]]:
+    pairs = []
+    for item in text.split(","):
+        height, sep, width = item.strip().lower().partition("x")
+        if not (sep and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+            raise CLIError(f"--grid-pinpoints: {item.strip()!r} is not HEIGHTxWIDTH in pixels (e.g. 336x672)")
+        pairs.append([int(height), int(width)])
+    return pairs
 
 
 def _check_projector(name: str) -> None:

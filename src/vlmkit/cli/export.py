@@ -9,7 +9,8 @@ import typer
 
 from vlmkit.cli.common import CLIError, DType, DTypeOption, note, quiet_libraries
 
-FORMATS = ("hf-llava",)  # mirrors vlmkit.models.convert.export.FORMATS without importing torch here
+# mirrors vlmkit.models.convert.export.FORMATS without importing torch here
+FORMATS = ("hf-llava", "hf-llava-next", "hf-llava-onevision")
 
 
 def export(
@@ -20,7 +21,9 @@ def export(
     format: Annotated[
         str,
         typer.Option(
-            "--format", help="Target layout: hf-llava (transformers LlavaForConditionalGeneration)."
+            "--format",
+            help="Target layout: hf-llava (transformers LlavaForConditionalGeneration), hf-llava-next or "
+            "hf-llava-onevision (AnyRes models: LlavaNext / LlavaOnevision).",
         ),
     ] = "hf-llava",
     vision_tower: Annotated[
@@ -37,8 +40,12 @@ def export(
     quiet_libraries()
     from vlmkit.api import VLM
     from vlmkit.models.convert.export import check_export_target, export_hf_llava
+    from vlmkit.models.convert.export_anyres import export_hf_anyres
 
     check_export_target(out)  # before the slow load
     vlm = VLM.from_pretrained(model, dtype=dtype.value, vision_tower=vision_tower)
-    written = export_hf_llava(vlm, out=out)
+    if format == "hf-llava":
+        written = export_hf_llava(vlm, out=out)
+    else:
+        written = export_hf_anyres(vlm, out=out, format=format)
     note(f"exported {model} as {format} to {written}")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from vlmkit.cli.common import JsonOption, ModelOption, VisionTowerOption, load_model, write_json
+import typer
+
+from vlmkit.cli.common import CLIError, JsonOption, ModelOption, VisionTowerOption, load_model, write_json
 
 _ROWS = (
     ("vision", "vision tower"),
     ("projector", "projector"),
     ("language", "language model"),
     ("image_size", "image size"),
+    ("resolution", "resolution"),
     ("image_tokens", "image tokens"),
     ("template", "template"),
     ("dtype", "dtype"),
@@ -18,15 +21,29 @@ _ROWS = (
 
 
 def info_command(
-    model: ModelOption = None, as_json: JsonOption = False, vision_tower: VisionTowerOption = None
+    model: ModelOption = None,
+    as_json: JsonOption = False,
+    vision_tower: VisionTowerOption = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option("--image-size", help="WIDTHxHEIGHT: that image's tokens (AnyRes default: the most)."),
+    ] = None,
 ) -> None:
     """Show a model's parts, image tokens per image, chat template and parameter counts."""
+    size = _size(image_size) if image_size is not None else None
     vlm = load_model(model, vision_tower=vision_tower)
-    data = {"model": str(model) if model else None} | vlm.info()
+    data = {"model": str(model) if model else None} | vlm.info(image_size=size)
     if as_json:
         write_json(data)
     else:
         _print_table(data)
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise CLIError(f"--image-size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 1024x768)")
+    return int(width), int(height)
 
 
 def _print_table(data: dict[str, Any]) -> None:

@@ -46,13 +46,20 @@ def plan_command(
         int | None, typer.Option("--image-size", min=1, help="Default: the tower's own.")
     ] = None,
     images: Annotated[int, typer.Option("--images", min=0, help="Images per sequence.")] = 1,
+    anyres: Annotated[
+        bool, typer.Option("--anyres", help="AnyRes tiling: plan for images at their largest token count.")
+    ] = False,
+    max_tiles: Annotated[int, typer.Option("--max-tiles", min=1, max=64, help="AnyRes: most tiles.")] = 4,
+    max_tile_tokens: Annotated[
+        int | None, typer.Option("--max-tile-tokens", min=1, help="AnyRes: OneVision's token cap in tiles.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Estimate parameters, gradients, optimizer state, activations and peak memory for one training stage."""
     quiet_libraries()
     from rich.console import Console
 
-    from vlmkit.training.plan import plan_memory, shape_from_dirs, table
+    from vlmkit.training.plan import anyres_shape, plan_memory, shape_from_dirs, table
     from vlmkit.training.stages import StageConfig
 
     stage_config = StageConfig(stage=stage.value, lora_rank=lora_rank, lora_dropout=lora_dropout,
@@ -62,6 +69,8 @@ def plan_command(
     except ConfigError as exc:
         raise CLIError(flag_message(exc, STAGE_FIELDS)) from None
     shape = shape_from_dirs(vision=vision, language=language, projector=projector, image_size=image_size)
+    if anyres:
+        shape = anyres_shape(shape, max_tiles=max_tiles, max_tile_tokens=max_tile_tokens)
     length = seq if seq is not None else images * shape.image_tokens + 256
     plan = plan_memory(shape, stage=stage_config, batch=batch, seq=length, grad_ckpt=grad_ckpt, dtype=dtype.value,
                        images_per_sample=images)  # fmt: skip

@@ -90,7 +90,7 @@ class AnyRes:
     """A model's tiling settings resolved against its tower: layouts, token counts and pixels per image."""
 
     def __init__(
-        self, *, tiling: TilingConfig, tile_size: int, patch_size: int, base: ImageProcessor
+        self, *, tiling: TilingConfig, tile_size: int, patch_size: int, base: ImageProcessor | None = None
     ) -> None:
         if tile_size % patch_size:
             raise ValueError(
@@ -112,7 +112,7 @@ class AnyRes:
     def to_dict(self) -> dict:
         """Everything that changes pixels or counts (part of feature-cache keys)."""
         return {"tiling": repr(self.tiling), "tile_size": self.tile_size, "side": self.side,
-                "base": self.base.to_dict()}  # fmt: skip
+                "base": self.base.to_dict() if self.base else None}  # fmt: skip
 
     def layout(self, *, height: int, width: int, tiled: bool = True) -> TileLayout:
         if not tiled:
@@ -134,6 +134,11 @@ class AnyRes:
         rows, cols = layout.packed
         return base + rows * (cols + newline)
 
+    def largest(self) -> tuple[int, int]:
+        """(tower views, LM tokens) of the biggest image the tiling allows: one filling its largest canvas."""
+        layouts = [self.layout(height=h, width=w) for h, w in self.pinpoints]
+        return max((lay.num_tiles, self.num_tokens(lay)) for lay in layouts)
+
     def tiles_for(self, *, num_images: int) -> bool:
         """Whether images of a prompt with ``num_images`` images are tiled (OneVision tiles lone images only)."""
         return not (self.tiling.multi_image_base_only and num_images > 1)
@@ -142,6 +147,8 @@ class AnyRes:
 
     def preprocess(self, image: Image.Image, *, tiled: bool = True) -> torch.Tensor:
         """One RGB image -> [1 + tiles, 3, S, S]: the base view, then the tiles row by row."""
+        if self.base is None:
+            raise ValueError("this AnyRes geometry has no image preprocessing settings")
         size = self.tile_size
         if not tiled:  # OneVision's multi-image view: letterbox with the mean colour, then squash
             square = _expand_to_square(image, fill=self.base.pad_colour)

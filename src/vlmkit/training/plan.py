@@ -22,15 +22,17 @@ backward starts; all gradients coexist with the optimizer state at the step. Uni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlmkit.config import ProjectorConfig, VisionConfig
+from vlmkit.config import ProjectorConfig, TilingConfig, VisionConfig
+from vlmkit.processing.tiling import AnyRes
 from vlmkit.training.stages import GROUP_ORDER, StageConfig
 
 DTYPES = ("bf16", "bf16-mixed", "fp32")
@@ -144,6 +146,21 @@ def shape_from_configs(
         lm_layers=len(lm_layers), lm_layer=_layer_shape(lm_layers[0], hidden=lm_dim),
         vocab=lm.get_output_embeddings().weight.shape[0],
     )  # fmt: skip
+
+
+def anyres_shape(shape: ModelShape, *, max_tiles: int, max_tile_tokens: int | None = None) -> ModelShape:
+    """``shape`` with AnyRes images at their largest (every grid of at most ``max_tiles`` tiles): the tower sees
+    the base view and every tile, the LM the packed tokens with their row newlines."""
+    side = math.isqrt(shape.vision_tokens)
+    if side * side != shape.vision_tokens or shape.image_tokens != shape.vision_tokens:
+        raise ValueError(
+            f"AnyRes needs a square patch grid kept token for token by the projector; this composition has "
+            f"{shape.vision_tokens} tower tokens and {shape.image_tokens} LM tokens per image"
+        )
+    tiling = TilingConfig(max_tiles=max_tiles, max_tile_tokens=max_tile_tokens)
+    tiling.validate(tile_size=side)
+    views, tokens = AnyRes(tiling=tiling, tile_size=side, patch_size=1).largest()  # geometry in patch units
+    return replace(shape, vision_tokens=views * shape.vision_tokens, image_tokens=tokens)
 
 
 def shape_from_dirs(*, vision: str | Path, language: str | Path, **kwargs: Any) -> ModelShape:

@@ -31,7 +31,7 @@ def load_foreign(
         from vlmkit.models.convert.llava_next import load_llava_anyres
 
         return load_llava_anyres(directory, raw=raw, dtype=dtype)
-    if model_type in ANYRES_MODEL_TYPES or aspect.startswith("anyres"):
+    if model_type in ANYRES_MODEL_TYPES or (aspect.startswith("anyres") and not is_original_llava(raw)):
         raise ModelDirError(
             f"{directory}: a LLaVA-NeXT style checkpoint ({model_type or 'image_aspect_ratio=' + aspect}) tiles "
             "images at any resolution ('anyres'); vlmkit loads llava-hf llava_next and llava_onevision directories, "

@@ -27,7 +27,7 @@ from vlmkit.models.convert.llava_hf import BICUBIC, jinja_literal
 from vlmkit.models.io import ModelDirError
 from vlmkit.processing.prompting import BUILTIN_TEMPLATES, TOKENIZER_TEMPLATE, ChatTemplate, resolve_template
 
-FORMATS = ("hf-llava",)
+FORMATS = ("hf-llava", "hf-llava-next", "hf-llava-onevision")  # the last two: export_anyres.py
 _TOWERS = ("clip_vision_model", "siglip_vision_model")
 # config fields with which a *ForCausalLM rescales its logits; llava-hf applies a bare lm_head
 _LOGIT_SCALES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -92,6 +92,8 @@ def unrepresentable_reasons(model: Any) -> list[str]:
             f"image size {config.vision.image_size} differs from the tower's {vision.native_size} "
             "(llava-hf does not interpolate position embeddings)"
         )
+    if config.vision.tiling is not None:
+        reasons.append("AnyRes tiling (export as hf-llava-next or hf-llava-onevision)")
     if config.vision.conv_stem:
         reasons.append(
             "a convolutional stem on the vision tower (llava-hf towers embed patches with one convolution)"

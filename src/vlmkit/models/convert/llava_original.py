@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from vlmkit.config import LanguageConfig, ProjectorConfig, PromptConfig, VLMConfig
+from vlmkit.config import ConfigError, LanguageConfig, ProjectorConfig, PromptConfig, TilingConfig, VLMConfig
 from vlmkit.models.io import (
     INDEX_NAME,
     WEIGHTS_NAME,
@@ -41,6 +41,10 @@ LM_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"
 SELECT = {"patch": "patch", "cls_patch": "full"}
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower.vision_tower."  # present when the tower was fine-tuned and saved along
+NEWLINE_KEY = "model.image_newline"  # LLaVA-NeXT (anyres + spatial_unpad)
+# mm_patch_merge_type -> (unpad, image_newline); "flat" orders tiles differently and is not supported
+MERGE_TYPES = {"spatial_unpad": (True, True), "spatial": (False, False)}
+GRID_RANGE = re.compile(r"\((\d+)x(\d+)\),\.\.\.,\((\d+)x(\d+)\)")  # LLaVA-NeXT's "(1x1),...,(6x6)"
 # LLaVA training / multimodal fields: not part of the language model's config
 _LLAVA_FIELDS = {"architectures", "model_type", "_name_or_path", "transformers_version", "image_aspect_ratio",
                  "image_grid_pinpoints", "tokenizer_model_max_length", "tokenizer_padding_side", "use_mm_proj",
@@ -62,13 +66,15 @@ def load_llava_original(
     if raw.get("image_aspect_ratio") == "pad":
         overrides["resize_mode"] = "pad"  # expand2square with the mean colour, then the tower's processor
     vision_cfg = vision_config_for(tower=tower, source=vision_tower, overrides=overrides)  # type: ignore[arg-type]
+    if str(raw.get("image_aspect_ratio", "")).startswith("anyres"):
+        vision_cfg.tiling = original_tiling(raw, tile_size=vision_cfg.image_size, directory=directory)
     vision = VisionEncoder(config=vision_cfg, model=tower)
     if select == "patch" and vision.num_prefix != 1:
         raise ModelDirError(
             f"{directory}: mm_vision_select_feature 'patch' drops one leading token, but the {vision.model_type} "
             f"tower has {vision.num_prefix} non-patch tokens"
         )
-    extra = read_prefixed(directory, prefixes=(PROJECTOR_PREFIX, TOWER_PREFIX))
+    extra = read_prefixed(directory, prefixes=(PROJECTOR_PREFIX, TOWER_PREFIX, NEWLINE_KEY))
     _load_saved_tower(tower, extra, source=directory)
     language_model = _load_language_model(directory, raw=raw, lm_type=lm_type, dtype=dtype)
     tokenizer = load_tokenizer(directory)
@@ -83,7 +89,46 @@ def load_llava_original(
     )
     model = VisionLanguageModel(config=config, vision=vision, language_model=language_model)
     _load_projector(model.projector, extra, config=projector_cfg, source=directory)
+    if model.tiling is not None and model.tiling.image_newline is not None:
+        if NEWLINE_KEY not in extra:
+            raise ModelDirError(f"{directory}: mm_patch_merge_type spatial_unpad but no {NEWLINE_KEY} weight")
+        with torch.no_grad():
+            model.tiling.image_newline.copy_(extra[NEWLINE_KEY])
     return model.to(dtype or language_model.dtype), tokenizer
+
+def original_tiling(raw: dict[str, Any], *, tile_size: int, directory: Path) -> TilingConfig:
+    """LLaVA-NeXT's ``image_aspect_ratio`` anyres[_max_N], ``image_grid_pinpoints`` ((width, height) pairs, or
+    a "(1x1),...,(6x6)" grid range) and ``mm_patch_merge_type`` as vlmkit tiling (pinpoints as (height, width))."""
+    aspect, merge = str(raw["image_aspect_ratio"]), raw.get("mm_patch_merge_type", "flat")
+    problems = []
+    cap = re.fullmatch(r"anyres(?:_max_(\d+))?", aspect)
+    if cap is None:
+        problems.append(f"image_aspect_ratio={aspect!r} (supported: anyres, anyres_max_N)")
+    if merge not in MERGE_TYPES:
+        problems.append(f"mm_patch_merge_type={merge!r} (supported: {', '.join(MERGE_TYPES)})")
+    pinpoints = _original_pinpoints(raw.get("image_grid_pinpoints"), tile_size=tile_size)
+    if pinpoints is None:
+        problems.append(f"image_grid_pinpoints={raw.get('image_grid_pinpoints')!r}")
+    if problems:
+        raise ModelDirError(f"{directory}: LLaVA-NeXT checkpoint not supported: {'; '.join(problems)}")
+    unpad, newline = MERGE_TYPES[merge]
+    tiling = TilingConfig(grid_pinpoints=pinpoints, unpad=unpad, image_newline=newline,  # type: ignore[arg-type]
+                          max_tile_tokens=int(cap.group(1)) if cap.group(1) else None)  # type: ignore[union-attr]  # fmt: skip
+    try:
+        tiling.validate(tile_size=tile_size)
+    except ConfigError as exc:
+        raise ModelDirError(f"{directory}: {exc}") from None
+    return tiling
+
+
+def _original_pinpoints(value: Any, *, tile_size: int) -> tuple[tuple[int, int], ...] | None:
+    if isinstance(value, str) and (grid := GRID_RANGE.fullmatch(value.replace(" ", ""))):
+        w0, h0, w1, h1 = (int(g) for g in grid.groups())  # (width x height) in tiles, LLaVA's order kept
+        return tuple((h * tile_size, w * tile_size) for w in range(w0, w1 + 1) for h in range(h0, h1 + 1))
+    if isinstance(value, list) and value and all(isinstance(p, list) and len(p) == 2 for p in value):
+        return tuple((int(h), int(w)) for w, h in value)  # LLaVA lists (width, height)
+    return None
+
 
 
 def _check_config(
