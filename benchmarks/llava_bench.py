@@ -447,7 +447,8 @@ def cpu_name() -> str:
 
 def model_summary(vlm: Any, hf: Any, spec: Spec) -> dict[str, Any]:
     counts = vlm.info()["parameters"]
-    return {"spec": asdict(spec), "parameters": counts, "image_tokens": vlm.model.num_image_tokens,
+    lm_bytes = sum(p.numel() * p.element_size() for p in vlm.model.language_model.parameters())
+    return {"spec": asdict(spec), "parameters": counts, "lm_bytes": lm_bytes, "image_tokens": vlm.model.num_image_tokens,
             "lm_attention": vlm.model.language_model.config._attn_implementation,
             "transformers_attention": hf.config.text_config._attn_implementation}  # fmt: skip
 
