@@ -50,6 +50,15 @@ from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import ImageInput, ImageProcessor, load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
 from vlmkit.processing.prompting import normalize_messages, pad_batch
+from vlmkit.quantization import (
+    QuantizationError,
+    check_method,
+    parameter_count,
+    part_bytes,
+    portable,
+    prepare_quantized,
+    quantize_model,
+)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 # LLaVA-1.5-7B: one image's features are 4.5 MiB (576 x 4096 x bf16) and one image prompt's KV ~300 MiB
@@ -284,13 +293,17 @@ class VLM:
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
         vision_tower: str | Path | None = None,
+        quantize: str | None = None,
         **options: Any,
     ) -> VLM:
         """Load a vlmkit, llava-hf or original-LLaVA directory (with no path: the shipped default model).
 
         ``vision_tower`` is the local tower directory an original LLaVA checkpoint refers to by hub id;
+        ``quantize`` (``"int8"``, ``"int4"``, ``"nf4"``) quantizes the language model's linear layers for ``device``
+        (docs/quantization.md; a combination this machine cannot run is a ``QuantizationError``);
         ``options`` are the constructor's inference options (caches, compile, ...).
         """
+        method = check_method(quantize)
         directory = DEFAULT_MODEL_DIR if path is None else Path(path).expanduser()
         if path is None and not directory.exists():
             raise ModelDirError("no default model is bundled with this install; pass a model directory")
@@ -305,9 +318,25 @@ class VLM:
                 directory, raw=raw, dtype=resolve_dtype(dtype), vision_tower=vision_tower
             )
             vlm = cls(model=model, tokenizer=tokenizer, **options)
+        vlm._quantize(method, device=device)
         if device is not None:
             vlm.model.to(device)
         return vlm
+
+    def _quantize(self, method: str | None, *, device: str | None) -> None:
+        """Quantize the LM for ``device``; a directory saved quantized must match ``method`` and run on CPU."""
+        stored = self.config.quantization
+        if stored is None:
+            if method is not None:
+                self.config.quantization = quantize_model(self.model, method=method, device=device)
+            return
+        if method is not None and method != stored.method:
+            raise QuantizationError(f"this model directory is quantized as {stored.method}; it cannot be loaded "
+                                    f"as quantize={method!r} (load the unquantized model for that)")  # fmt: skip
+        if device is not None and torch.device(device).type != "cpu":
+            raise QuantizationError(f"this model directory holds {stored.method} weights in vlmkit's CPU format "
+                                    f"({stored.scheme}); load it on CPU, or quantize the unquantized model on "
+                                    f"{device}")  # fmt: skip
 
     @classmethod
     def _load_vlmkit(
@@ -316,8 +345,11 @@ class VLM:
         config = VLMConfig.from_dict(raw)
         state = read_weights(directory)
         model = VisionLanguageModel(config=config)
+        if config.quantization is not None:
+            # empty quantized layers of the saved layout, filled by load_weights
+            prepare_quantized(model.language_model, config=config.quantization)
         load_weights(model, state, source=directory)
-        stored = next(iter(state.values())).dtype if state else torch.float32
+        stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         model.to(dtype or stored)
         return cls(model=model, tokenizer=load_tokenizer(directory), **options)
 
@@ -326,6 +358,11 @@ class VLM:
         target = Path(path).expanduser()
         _check_overwritable(target)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not portable(self.model):
+            raise QuantizationError(
+                f"cannot save a model quantized by {self.config.quantization.scheme} (bitsandbytes / torchao "
+                "formats are not saved); save the unquantized model and pass quantize= when loading it"
+            )
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             self.config.vlmkit_version = SCHEMA_VERSION
@@ -546,7 +583,7 @@ class VLM:
             image_tokens = self.image_token_count(width=image_size[0], height=image_size[1])
         else:
             image_tokens = m.anyres.largest()[1] if m.anyres is not None else m.num_image_tokens
-        counts = {name: sum(p.numel() for p in getattr(m, name).parameters())
+        counts = {name: parameter_count(getattr(m, name))
                   for name in ("vision", "projector", "language_model")}  # fmt: skip
         return {
             "vision": getattr(m.vision, "description", m.vision.model_type),  # library / fused towers name more
@@ -559,6 +596,8 @@ class VLM:
             "template": self.processor.template,
             "dtype": str(m.dtype).replace("torch.", ""),
             "parameters": counts | {"total": sum(counts.values())},
+            "bytes": _part_bytes(m),
+            "quantization": dataclasses.asdict(q) if (q := self.config.quantization) is not None else None,
         }
 
 
@@ -580,6 +619,12 @@ def _images_before(codes: np.ndarray, *, counts: int | Sequence[int], num_images
     seen = int(np.count_nonzero(codes < 0))
     per_image = [counts] * num_images if isinstance(counts, int) else list(counts)
     return int(np.searchsorted(np.cumsum(per_image), seen, side="right"))
+
+
+def _part_bytes(model: VisionLanguageModel) -> dict[str, int]:
+    """Bytes held per part (quantized codes and scales included), and in all."""
+    sizes = {name: part_bytes(getattr(model, name)) for name in ("vision", "projector", "language_model")}
+    return sizes | {"total": part_bytes(model)}
 
 
 def _inserter(cache: PrefixCache, codes: np.ndarray) -> Callable[[PromptKV], None]:

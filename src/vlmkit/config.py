@@ -20,6 +20,7 @@ VISION_SELECT = ("patch", "full")
 RESIZE_MODES = ("resize", "pad", "crop")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+QUANT_METHODS = ("int8", "int4", "nf4")
 
 
 class ConfigError(ValueError):
@@ -194,12 +195,28 @@ class PromptConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """How the language model's linear layers are stored (see vlmkit/quantization/schemes.py)."""
+
+    method: str = "int8"  # int8 | int4 | nf4
+    scheme: str = "int8-dynamic-per-token"  # the exact format, e.g. int4-weight-only-grouped
+    group_size: int | None = None  # int4: input columns per scale
+    skip: tuple[str, ...] = ("lm_head",)  # LM linear layers kept in the compute dtype
+
+    def validate(self) -> None:
+        _require(self.method in QUANT_METHODS, "quantization.method",
+                 f"must be one of {QUANT_METHODS}, got {self.method!r}")  # fmt: skip
+        _require(self.group_size is None or self.group_size > 0, "quantization.group_size", "must be positive")
+
+
+@dataclass
 class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     vlmkit_version: int = SCHEMA_VERSION
+    quantization: QuantizationConfig | None = None  # absent from config.json when the model is not quantized
 
     def validate(self) -> None:
         _require(
@@ -209,9 +226,14 @@ class VLMConfig:
         )
         for part in (self.vision, self.projector, self.language, self.prompt):
             part.validate()
+        if self.quantization is not None:
+            self.quantization.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["quantization"] is None:
+            del data["quantization"]  # unquantized configs stay as they were
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:

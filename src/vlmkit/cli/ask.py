@@ -16,6 +16,7 @@ from vlmkit.cli.common import (
     MaxNewTokens,
     ModelOption,
     NumBeams,
+    QuantizeOption,
     Seed,
     Stop,
     Temperature,
@@ -56,13 +57,14 @@ def ask_command(
     dtype: DTypeOption = DType.auto,
     device: DeviceOption = None,
     vision_tower: VisionTowerOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Ask a question about images. Images without '<image>' placeholders go before the prompt."""
     gen = generation_kwargs(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_beams=num_beams, stop=stop, seed=seed)  # fmt: skip
     sources = images or []
     loaded = [read_image(source) for source in sources]
-    vlm = load_model(model, dtype=dtype, device=device, vision_tower=vision_tower)
+    vlm = load_model(model, dtype=dtype, device=device, vision_tower=vision_tower, quantize=quantize)
     if stream and not as_json:  # JSON needs the whole answer, so --json wins over --stream
         _print_stream(vlm.stream(prompt, images=loaded, **gen))
         return

@@ -18,6 +18,7 @@ from vlmkit.cli.common import (
     MaxNewTokens,
     ModelOption,
     NumBeams,
+    QuantizeOption,
     Seed,
     Stop,
     Temperature,
@@ -74,11 +75,12 @@ def chat_command(
     dtype: DTypeOption = DType.auto,
     device: DeviceOption = None,
     vision_tower: VisionTowerOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Chat about images interactively. /image PATH attaches an image, /reset, /quit; end of input exits."""
     gen = generation_kwargs(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_beams=num_beams, stop=stop, seed=seed)  # fmt: skip
-    vlm = load_model(model, dtype=dtype, device=device, vision_tower=vision_tower)
+    vlm = load_model(model, dtype=dtype, device=device, vision_tower=vision_tower, quantize=quantize)
     interactive = sys.stdin.isatty()
     if interactive:
         note(HELP)

@@ -68,6 +68,23 @@ DeviceOption = Annotated[
     str | None, typer.Option("--device", help="Torch device to run on, e.g. cpu or cuda (default: cpu).")
 ]
 DTypeOption = Annotated[DType, typer.Option("--dtype", help="Weights dtype; auto keeps the stored one.")]
+
+
+class Quantize(str, Enum):
+    int8 = "int8"
+    int4 = "int4"
+    nf4 = "nf4"
+
+
+QuantizeOption = Annotated[
+    Quantize | None,
+    typer.Option(
+        "--quantize",
+        help="Quantize the language model's linear layers: int8 (CPU: dynamic int8, fastest), int4 (smallest), "
+        "nf4 (CUDA + bitsandbytes). See docs/quantization.md.",
+        show_default=False,
+    ),
+]
 MaxNewTokens = Annotated[
     int | None, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate (default 128).")
 ]
@@ -127,6 +144,7 @@ def load_model(
     dtype: DType = DType.auto,
     device: str | None = None,
     vision_tower: Path | None = None,
+    quantize: Quantize | None = None,
 ) -> VLM:
     """``VLM.from_pretrained`` with the libraries quietened; errors surface as ModelDirError/ConfigError."""
     quiet_libraries()
@@ -134,7 +152,10 @@ def load_model(
 
     if device is not None:
         check_device(device)
-    return VLM.from_pretrained(path, dtype=dtype.value, device=device, vision_tower=vision_tower)
+    method = quantize.value if quantize is not None else None
+    return VLM.from_pretrained(
+        path, dtype=dtype.value, device=device, vision_tower=vision_tower, quantize=method
+    )
 
 
 def check_device(device: str) -> None:

@@ -22,6 +22,7 @@ from vlmkit.cli.common import (
     ImageFolderOption,
     JsonOption,
     ModelOption,
+    QuantizeOption,
     load_model,
     write_json,
 )
@@ -70,6 +71,7 @@ def eval_command(
     as_json: JsonOption = False,
     dtype: DTypeOption = DType.auto,
     device: DeviceOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Answer every record greedily and score the answers; missing or corrupt images are skipped and counted."""
     from vlmkit.evaluation.records import read_records
@@ -78,7 +80,7 @@ def eval_command(
 
     folder = _check_paths(data=data, image_folder=image_folder)
     records = read_records(data)  # a malformed file fails before the slow model load
-    vlm = load_model(model, dtype=dtype, device=device)
+    vlm = load_model(model, dtype=dtype, device=device, quantize=quantize)
     with _progress() as progress:
         report = evaluate(vlm, records, image_folder=folder, metric=metric.value, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, limit=limit, progress=progress,

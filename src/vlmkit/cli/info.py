@@ -6,7 +6,15 @@ from typing import Annotated, Any
 
 import typer
 
-from vlmkit.cli.common import CLIError, JsonOption, ModelOption, VisionTowerOption, load_model, write_json
+from vlmkit.cli.common import (
+    CLIError,
+    JsonOption,
+    ModelOption,
+    QuantizeOption,
+    VisionTowerOption,
+    load_model,
+    write_json,
+)
 
 _ROWS = (
     ("vision", "vision tower"),
@@ -24,14 +32,15 @@ def info_command(
     model: ModelOption = None,
     as_json: JsonOption = False,
     vision_tower: VisionTowerOption = None,
+    quantize: QuantizeOption = None,
     image_size: Annotated[
         str | None,
         typer.Option("--image-size", help="WIDTHxHEIGHT: that image's tokens (AnyRes default: the most)."),
     ] = None,
 ) -> None:
-    """Show a model's parts, image tokens per image, chat template and parameter counts."""
+    """Show a model's parts, image tokens per image, chat template, parameter counts and bytes per part."""
     size = _size(image_size) if image_size is not None else None
-    vlm = load_model(model, vision_tower=vision_tower)
+    vlm = load_model(model, vision_tower=vision_tower, quantize=quantize)
     data = {"model": str(model) if model else None} | vlm.info(image_size=size)
     if as_json:
         write_json(data)
@@ -59,4 +68,8 @@ def _print_table(data: dict[str, Any]) -> None:
         table.add_row(label, str(data.get(key)))
     for part, count in data["parameters"].items():
         table.add_row(f"parameters: {part}", f"{count:,}")
+    for part, size in data["bytes"].items():  # quantized codes and scales included
+        table.add_row(f"bytes: {part}", f"{size:,}")
+    if data.get("quantization"):
+        table.add_row("quantization", data["quantization"]["scheme"])
     Console(highlight=False).print(table)

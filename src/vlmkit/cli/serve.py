@@ -19,6 +19,8 @@ from vlmkit.cli.common import (
     DType,
     DTypeOption,
     ModelOption,
+    Quantize,
+    QuantizeOption,
     check_device,
     load_model,
     note,
@@ -66,6 +68,7 @@ def serve_command(
     ] = None,  # fmt: skip
     dtype: DTypeOption = DType.auto,
     device: DeviceOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
     from vlmkit.serving.limits import ServerSettings
@@ -88,7 +91,9 @@ def serve_command(
         f"vlmkit serve: http://{_url_host(host)}:{bound_port}/ (chat page), OpenAI API under /v1; loading the model…"
     )
     failure = _run(
-        sock, settings=settings, loader=lambda: _load(model, dtype=dtype, device=device, threads=threads)
+        sock,
+        settings=settings,
+        loader=lambda: _load(model, dtype=dtype, device=device, threads=threads, quantize=quantize),
     )
     if failure is not None:
         raise failure
@@ -116,14 +121,21 @@ def _run(sock: socket.socket, *, settings: Any, loader: Any) -> BaseException | 
     return failures[0] if failures else None
 
 
-def _load(model: Path | None, *, dtype: DType, device: str | None, threads: int | None) -> Any:
+def _load(
+    model: Path | None,
+    *,
+    dtype: DType,
+    device: str | None,
+    threads: int | None,
+    quantize: Quantize | None = None,
+) -> Any:
     if threads is not None:
         import torch
 
         torch.set_num_threads(
             threads
         )  # OpenMP threads spinning against the HTTP threads cost far more than they give
-    return load_model(model, dtype=dtype, device=device)
+    return load_model(model, dtype=dtype, device=device, quantize=quantize)
 
 
 def _quiet_exit_server(base: type) -> type:

@@ -32,6 +32,7 @@ from vlmkit.generation.stopping import (
     resolve_eos_token_ids,
     resolve_pad_token_id,
 )
+from vlmkit.quantization import is_quantized
 
 # draft tokens per round when ``DecodeOptions.speculative`` is None (auto): a float16 draft agrees with its model
 # on nearly every token, so long rounds pay (CPU benchmark: 15.5 of 16 proposals accepted per round)
@@ -84,6 +85,8 @@ def _draft_tokens(
     """Draft tokens per round for this request (0: decode plainly; see ``DecodeOptions.speculative``)."""
     lean = getattr(runner, "lean", None)  # a plain float32 Llama on CPU, unpadded, over a plain dynamic cache
     if lean is None or batch != 1 or config.do_sample or config.repetition_penalty != 1:
+        return 0
+    if is_quantized(lean):  # its float16 draft would stream more bytes than the quantized model itself
         return 0
     if options.speculative is not None:
         return options.speculative

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.generation.kv_cache import _unwrap
+from vlmkit.quantization import QuantizedLinear
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -27,8 +28,8 @@ def lean_step_model(lm: Any, *, attention_mask: torch.Tensor) -> Any | None:
     """The model ``lean_decode_step`` runs in place of ``lm``'s own decode step for this request, else ``None``.
 
     Plain ``LlamaForCausalLM`` in float32 on CPU, sdpa attention, default RoPE, SiLU MLP, plain ``nn.Linear``
-    layers without hooks (no adapters, no quantisation) and a batch without padding. The cache must be checked
-    too, once it has its layers (``plain_dynamic_cache``).
+    layers (or vlmkit's quantized CPU layers) without hooks (no adapters) and a batch without padding. The cache
+    must be checked too, once it has its layers (``plain_dynamic_cache``).
     """
     from transformers import LlamaForCausalLM
 
@@ -58,7 +59,8 @@ def lean_step_model(lm: Any, *, attention_mask: torch.Tensor) -> Any | None:
     for layer in model.model.layers:
         modules += [layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
         linears = [getattr(layer.self_attn, n) for n in _PROJECTIONS] + [getattr(layer.mlp, n) for n in _MLP]
-        if any(type(linear) is not nn.Linear for linear in linears):
+        # vlmkit's quantized CPU layers run their own forward (``_linear``), exactly as the model calls them
+        if any(type(x) is not nn.Linear and not isinstance(x, QuantizedLinear) for x in linears):
             return None
         modules += linears
     if any(_has_hooks(module) for module in modules) or nn.modules.module._global_forward_hooks:
