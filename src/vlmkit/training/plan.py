@@ -93,6 +93,8 @@ class MemoryPlan:
 
 def _layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer blocks: its longest ModuleList."""
+    if isinstance(blocks := getattr(model, "blocks", None), nn.Sequential):  # timm's ViT
+        return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return max(lists, key=len)
 
@@ -124,24 +126,31 @@ def shape_from_configs(
     *, vision: Any, language: Any, projector: str | ProjectorConfig = "mlp", image_size: int | None = None,
     select: str = "patch",
 ) -> ModelShape:  # fmt: skip
-    """transformers config objects (vision tower, causal LM) -> ``ModelShape``, counting on the meta device."""
+    """transformers config objects (vision tower, causal LM) -> ``ModelShape``, counting on the meta device.
+
+    ``vision`` may also be a vlmkit ``VisionConfig`` (open_clip / timm / fused towers); a fused tower counts the
+    layers of its deepest member."""
     from transformers import AutoModelForCausalLM
 
     from vlmkit.models.projectors import build_projector
-    from vlmkit.models.vision import VisionEncoder
+    from vlmkit.models.vision import build_vision_encoder
 
-    hf_vision = vision.to_dict() | {"model_type": vision.model_type}
-    vision_cfg = VisionConfig(hf_config=hf_vision, image_size=image_size or vision.image_size, select=select)
+    if isinstance(vision, VisionConfig):
+        vision_cfg = vision
+    else:
+        hf_vision = vision.to_dict() | {"model_type": vision.model_type}
+        vision_cfg = VisionConfig(hf_config=hf_vision, image_size=image_size or vision.image_size, select=select)
     projector_cfg = projector if isinstance(projector, ProjectorConfig) else ProjectorConfig(type=projector)
     with torch.device("meta"):
-        encoder = VisionEncoder(config=vision_cfg)
+        encoder = build_vision_encoder(config=vision_cfg)
         lm = AutoModelForCausalLM.from_config(language)
         lm_dim = lm.get_input_embeddings().weight.shape[1]
         proj = build_projector(config=projector_cfg, in_dim=encoder.hidden_size, out_dim=lm_dim)
-    vision_layers, lm_layers = _layers(encoder.model), _layers(lm)
+    deepest = max(getattr(encoder, "towers", [encoder]), key=lambda m: len(_layers(m.model)))  # fused: a member
+    vision_layers, lm_layers = _layers(deepest.model), _layers(lm)
     return ModelShape(
         vision_params=_count(encoder), projector_params=_count(proj), lm_params=_count(lm),
-        vision_layers=len(vision_layers), vision_layer=_layer_shape(vision_layers[0], hidden=encoder.hidden_size),
+        vision_layers=len(vision_layers), vision_layer=_layer_shape(vision_layers[0], hidden=deepest.hidden_size),
         vision_tokens=encoder.num_tokens, image_tokens=proj.num_output_tokens(encoder.num_tokens),
         lm_layers=len(lm_layers), lm_layer=_layer_shape(lm_layers[0], hidden=lm_dim),
         vocab=lm.get_output_embeddings().weight.shape[0],
@@ -164,11 +173,16 @@ def anyres_shape(shape: ModelShape, *, max_tiles: int, max_tile_tokens: int | No
 
 
 def shape_from_dirs(*, vision: str | Path, language: str | Path, **kwargs: Any) -> ModelShape:
-    """Like ``shape_from_configs`` from model directories or hub ids (only their configs are read)."""
+    """Like ``shape_from_configs`` from model directories or hub ids (only their configs are read); ``vision``
+    may name open_clip / timm towers or several towers (fused), as ``VLM.build`` takes it."""
     from transformers import AutoConfig
 
+    from vlmkit.models.vision import vision_config_from_dirs
     from vlmkit.models.vision.encoder import vision_hf_config
 
+    tower = vision_config_from_dirs(vision, overrides={"image_size": kwargs.get("image_size")})
+    if tower is not None:
+        return shape_from_configs(vision=tower, language=AutoConfig.from_pretrained(str(language)), **kwargs)
     vision_config = AutoConfig.from_pretrained(str(vision)).to_dict()  # CLIP/SigLIP: keeps the vision half
     return shape_from_configs(
         vision=vision_hf_config(vision_config), language=AutoConfig.from_pretrained(str(language)), **kwargs

@@ -1,7 +1,12 @@
 from vlmkit.models.vision.encoder import VisionEncoder, vision_hf_config
 from vlmkit.models.vision.fused import FusedVisionEncoder
 from vlmkit.models.vision.library import LibraryVisionEncoder
-from vlmkit.models.vision.towers import build_vision_encoder, load_vision, vision_sources
+from vlmkit.models.vision.towers import (
+    build_vision_encoder,
+    load_vision,
+    vision_config_from_dirs,
+    vision_sources,
+)
 
 __all__ = [
     "FusedVisionEncoder",
@@ -9,6 +14,7 @@ __all__ = [
     "VisionEncoder",
     "build_vision_encoder",
     "load_vision",
+    "vision_config_from_dirs",
     "vision_hf_config",
     "vision_sources",
 ]

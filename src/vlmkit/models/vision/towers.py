@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -15,9 +16,15 @@ import torch
 from vlmkit.config import VisionConfig
 from vlmkit.models.io import ModelDirError
 from vlmkit.models.parts import check_model_dir, load_vision_tower, vision_config_for
-from vlmkit.models.vision.encoder import VisionEncoder
+from vlmkit.models.vision.encoder import VisionEncoder, vision_hf_config
 from vlmkit.models.vision.fused import FusedVisionEncoder, member_encoder
-from vlmkit.models.vision.library import LIBRARIES, LibraryVisionEncoder, detect_library, load_library_tower
+from vlmkit.models.vision.library import (
+    LIBRARIES,
+    LibraryVisionEncoder,
+    detect_library,
+    load_library_tower,
+    read_library_dir,
+)
 
 VisionSource = str | Path | Sequence[str | Path]
 # every encoder a VLM's ``vision`` can be: the same interface (hidden_size, patch_size, num_tokens, config)
@@ -92,3 +99,30 @@ def _load_one(
         raise ValueError("conv_stem replaces a transformers tower's patch embedding; it does not apply to "
                          f"{kind} towers")  # fmt: skip
     return LibraryVisionEncoder(config=VisionConfig(**fields), model=tower)
+
+
+def vision_config_from_dirs(source: VisionSource, *, overrides: dict[str, Any]) -> VisionConfig | None:
+    """The VisionConfig ``load_vision`` would make, from config files only (no weights: for ``vlmkit plan``);
+    None for one plain transformers tower (the planner reads those through transformers itself)."""
+    sources = vision_sources(source)
+    if len(sources) == 1 and sources[0][0] is None and detect_library(check_model_dir(sources[0][1])) is None:
+        return None
+    configs = [_config_only(path, kind=kind, overrides=overrides) for kind, path in sources]
+    if len(configs) == 1:
+        return configs[0]
+    first = configs[0]
+    return VisionConfig(hf_config={"model_type": "fused"}, towers=tuple(configs), image_size=first.image_size,
+                        resize_mode=first.resize_mode, image_mean=first.image_mean, image_std=first.image_std)  # fmt: skip
+
+
+def _config_only(path: Path, *, kind: str | None, overrides: dict[str, Any]) -> VisionConfig:
+    from transformers import AutoConfig
+
+    path = check_model_dir(path.expanduser())
+    kind = kind or detect_library(path)
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    if kind is None:
+        hf = vision_hf_config(AutoConfig.from_pretrained(str(path), trust_remote_code=False).to_dict())
+        return vision_config_for(tower=SimpleNamespace(config=hf), source=path, overrides=fields)
+    tower, preprocess = read_library_dir(path, kind=kind)
+    return VisionConfig(**({"hf_config": tower, "source": f"{kind}:{path}"} | preprocess | fields))
