@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from vlmkit.generation.static_cache import DEFAULT_POOL
 from vlmkit.generation.twins import onednn_gemm_twin
 from vlmkit.models.io import ModelDirError, load_weights, read_weights, replace_dir, save_weights
 from vlmkit.models.language import ensure_vocab
+from vlmkit.models.language.protocols import lm_module
 from vlmkit.models.parts import (
     add_image_token,
     check_model_dir,
@@ -88,8 +89,8 @@ def _as_list(images: ImageInput | Sequence[ImageInput] | None) -> list[ImageInpu
     if images is None:
         return []
     if isinstance(images, str | bytes | Path) or not isinstance(images, Sequence):
-        return [images]  # type: ignore[list-item]
-    return list(images)
+        return [images]
+    return list(cast(Sequence[ImageInput], images))  # mypy keeps ``bytes`` (a Sequence) in the union
 
 
 @dataclass
@@ -145,7 +146,7 @@ class VLM:
             [model.vision, model.projector] + ([model.tiling] if model.tiling is not None else []),
             settings=[repr(model.config.vision), repr(model.config.projector)],
         )
-        self._lm_identity = ModelIdentity([model.language_model], settings=repr(model.config.language))
+        self._lm_identity = ModelIdentity([lm_module(model.language_model)], settings=repr(model.config.language))
         self._preprocess_digest = config_digest(
             self.processor.image_processor.to_dict(), model.anyres.to_dict() if model.anyres else None
         )
@@ -347,7 +348,7 @@ class VLM:
         model = VisionLanguageModel(config=config)
         if config.quantization is not None:
             # empty quantized layers of the saved layout, filled by load_weights
-            prepare_quantized(model.language_model, config=config.quantization)
+            prepare_quantized(lm_module(model.language_model), config=config.quantization)
         load_weights(model, state, source=directory)
         stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         model.to(dtype or stored)
@@ -537,8 +538,8 @@ class VLM:
             image_processor = self.processor.image_processor
             pixels = torch.stack([image_processor.preprocess_one(r.rgb) if r.rgb is not None
                                   else image_processor([r.source])[0] for r in todo.values()])  # fmt: skip
-            encoded = self._encode(pixels)  # [new images, tokens, dim]
-            for key, features in zip(todo, encoded, strict=True):
+            rows = self._encode(pixels)  # [new images, tokens, dim]
+            for key, features in zip(todo, rows, strict=True):
                 found[key] = features.clone() if cache else features  # a row view would pin the whole batch
                 if cache:
                     self.feature_cache.put(key, found[key])
@@ -547,6 +548,7 @@ class VLM:
     def _encode_tiled(self, items: Sequence[tuple[ImageRef, Any]]) -> list[torch.Tensor]:
         """AnyRes: (image, layout) pairs -> one [tokens_i, dim] per image, all at once or one image at a time."""
         anyres = self.model.anyres
+        assert anyres is not None  # called for a tiling model only
         tiles = [anyres.preprocess(r.rgb if r.rgb is not None else load_image(r.source),
                                    tiled=lay.grid != (0, 0)) for r, lay in items]  # fmt: skip
         layouts = [lay for _, lay in items]

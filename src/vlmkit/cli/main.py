@@ -70,7 +70,7 @@ class VlmkitGroup(TyperGroup):
             return report_exception(exc, debug=debug_enabled())
 
 
-def _click_exceptions() -> tuple[type[ClickException], type[Exception]]:
+def _click_exceptions() -> tuple[type[ClickException], type[ClickException]]:
     """(ClickException, NoArgsIsHelpError) of the click that typer runs on (vendored since typer 0.2x)."""
     try:
         from typer._click import exceptions

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
 
 from vlmkit.config import ConfigError
@@ -65,7 +64,7 @@ def _option_type(derived: Derived) -> Any:
         return list[str] | None
     choices = derived.field.metadata.get("choices")
     if choices:
-        return Literal[tuple(choices)]  # type: ignore[valid-type]
+        return Literal[tuple(choices)]
     return derived.hint
 
 
@@ -83,7 +82,7 @@ def _parameter(derived: Derived) -> inspect.Parameter:
     elif default is inspect.Parameter.empty:  # required, but --config may give it: checked in ``values_of``
         default, kind = None, kind | None
         kwargs["help"] += " [required: here or in --config]"
-    annotation = Annotated[kind, typer.Option(decl, **kwargs)]
+    annotation = Annotated[kind, typer.Option(decl, **kwargs)]  # type: ignore[valid-type]  # built at runtime
     return inspect.Parameter(
         derived.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
     )
@@ -181,7 +180,7 @@ def _checked(value: Any, derived: Derived) -> Any:
 
 
 def merge_config_file(
-    values: dict[str, Any], *, path: Path | None, fields: Sequence[Derived], ctx: click.Context
+    values: dict[str, Any], *, path: Path | None, fields: Sequence[Derived], ctx: typer.Context
 ) -> dict[str, Any]:
     """Fill options the user did not type from ``--config FILE``; bounds and choices are checked as for flags."""
     if path is None:

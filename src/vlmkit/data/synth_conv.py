@@ -103,7 +103,7 @@ def _another_question(
         if isinstance(scene, ShapeScene):
             qa = SHAPE_QUESTIONS[task](rng, scene)
         else:
-            qa = ask_document(task)(rng, scene)  # type: ignore[arg-type]
+            qa = ask_document(task)(rng, scene)
         if qa is not None and qa[0] not in asked:
             return Turn(qa[0], qa[1], task, "follow_up", about=about, attaches=False)
     return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from vlmkit.models.merge import merge_image_features
 from vlmkit.models.projectors import build_projector, project_with_text
 from vlmkit.models.projectors.registry import Projector
 from vlmkit.models.tiling import TilePacker
-from vlmkit.models.vision import VisionEncoder, build_vision_encoder
+from vlmkit.models.vision import build_vision_encoder
 from vlmkit.models.vision.towers import VisionTower
 from vlmkit.processing.prompting import IGNORE_INDEX
 from vlmkit.processing.tiling import AnyRes, TileLayout
@@ -74,7 +74,7 @@ class VisionLanguageModel(nn.Module):
         self,
         *,
         config: VLMConfig,
-        vision: VisionEncoder | None = None,
+        vision: VisionTower | None = None,
         language_model: LanguageModel | None = None,
     ) -> None:
         super().__init__()
@@ -141,6 +141,14 @@ class VisionLanguageModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.get_input_embeddings().weight.dtype
 
+    @overload
+    def encode_images(self, pixel_values: torch.Tensor, *, layouts: None = None) -> torch.Tensor: ...
+
+    @overload
+    def encode_images(
+        self, pixel_values: torch.Tensor, *, layouts: Sequence[TileLayout]
+    ) -> list[torch.Tensor]: ...
+
     def encode_images(
         self, pixel_values: torch.Tensor, *, layouts: Sequence[TileLayout] | None = None
     ) -> ImageFeatures:
@@ -188,6 +196,8 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError("images were given but the model has no image token configured")
             return embeds
         if self.text_conditioned and image_features is not None:
+            if not isinstance(image_features, torch.Tensor):  # one tensor per image: AnyRes tiles
+                raise ValueError("a text-conditioned projector does not take AnyRes tiled images")
             image_features = project_with_text(self.projector, image_features, embeds=embeds, is_image=is_image,
                                                context_mask=context_mask)  # fmt: skip
         return merge_image_features(

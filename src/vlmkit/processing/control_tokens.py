@@ -16,7 +16,9 @@ vlmkit's single tokenizer call (image-token expansion and offset-based labels in
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeGuard
+
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 # Unicode private-use plane 15: never produced by a tokenizer or a template, stripped from user text
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
@@ -25,7 +27,7 @@ _MARKED = re.compile(f"{MARK_START}([^{MARK_START}{MARK_END}]*){MARK_END}")
 Span = tuple[int, int]
 
 
-def control_tokens(tokenizer: Any, *, image_token: str) -> list[str]:
+def control_tokens(tokenizer: Tokenizer, *, image_token: str) -> list[str]:
     """The tokenizer's special tokens (the image placeholder excepted: it has its own rules), longest first."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     found = {added.content for added in decoder.values() if getattr(added, "special", False)}
@@ -34,15 +36,17 @@ def control_tokens(tokenizer: Any, *, image_token: str) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
-def mark_control_text(messages: list[dict], *, tokenizer: Any, image_token: str) -> list[dict]:
+def mark_control_text(messages: list[dict], *, tokenizer: Tokenizer, image_token: str) -> list[dict]:
     """``messages`` with every control-token string in their content wrapped in markers (the same list when
     nothing needs marking, so ordinary prompts take no extra work)."""
     tokens = control_tokens(tokenizer, image_token=image_token)
     pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
-    def needs(content: Any) -> bool:
+    def needs(content: Any) -> TypeGuard[str]:
         return isinstance(content, str) and (
-            MARK_START in content or MARK_END in content or (pattern is not None and pattern.search(content))
+            MARK_START in content
+            or MARK_END in content
+            or (pattern is not None and pattern.search(content) is not None)
         )
 
     if not any(isinstance(m, dict) and needs(m.get("content")) for m in messages):
@@ -90,7 +94,7 @@ def unmark_control_text(text: str, spans: list[Span]) -> tuple[str, list[Span], 
 
 
 def encode_as_text(
-    tokenizer: Any, *, ids: list[int], offsets: list[Span] | None, typed: list[Span], text: str
+    tokenizer: Tokenizer, *, ids: list[int], offsets: list[Span] | None, typed: list[Span], text: str
 ) -> tuple[list[int], list[Span]]:
     """Replace each token lying exactly on a typed span with those characters encoded as plain text."""
     if offsets is None or not getattr(tokenizer, "is_fast", False):
@@ -117,7 +121,7 @@ def encode_as_text(
     return new_ids, new_offsets
 
 
-def _plain_ids(tokenizer: Any, piece: str) -> list[int]:
+def _plain_ids(tokenizer: Tokenizer, piece: str) -> list[int]:
     """``piece`` as ordinary text, as it would tokenize mid-prompt: encoded after a newline (so a SentencePiece
     tokenizer adds no prefix space) and the newline's ids removed again, as transformers does."""
     newline = tokenizer.encode("\n", add_special_tokens=False, split_special_tokens=True)

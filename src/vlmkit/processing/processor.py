@@ -20,6 +20,7 @@ from vlmkit.processing.prompting import (
     resolve_template,
 )
 from vlmkit.processing.tiling import AnyRes, TileLayout
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 
 @dataclass
@@ -36,7 +37,7 @@ class VLMProcessor:
     def __init__(
         self,
         *,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         image_processor: ImageProcessor,
         prompt: PromptConfig,
         num_image_tokens: int,
@@ -53,9 +54,10 @@ class VLMProcessor:
             raise ValueError(
                 f"the tokenizer has no {prompt.image_token!r} token; add it as a special token first"
             )
-        self.pad_token_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_token_id is None:  # batches could not be padded (``pad_batch`` fills with this id)
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        self.pad_token_id: int = pad_token_id
 
     def user_prompt(self, prompt: str, *, num_images: int) -> list[Message]:
         """A single user turn; images without placeholders are prepended (LLaVA style)."""

@@ -22,6 +22,7 @@ import torch
 
 from vlmkit.processing.control_tokens import encode_as_text, mark_control_text, unmark_control_text
 from vlmkit.processing.text import check_text
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -107,7 +108,7 @@ class EncodedPrompt:
     num_images: int
 
 
-def resolve_template(name: str, tokenizer: Any) -> str:
+def resolve_template(name: str, tokenizer: Tokenizer) -> str:
     """Map ``name`` ("auto", "tokenizer" or a built-in) to a concrete template name."""
     has_own = bool(getattr(tokenizer, "chat_template", None))
     if name == "auto":
@@ -125,7 +126,7 @@ def resolve_template(name: str, tokenizer: Any) -> str:
 def render(
     messages: list[Message],
     *,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     template: str,
     system: str | None = None,
     add_generation_prompt: bool,
@@ -153,7 +154,7 @@ def _check_messages(messages: list[Message]) -> None:
 
 
 def _render_builtin(
-    messages: list[Message], tpl: ChatTemplate, *, tokenizer: Any, system: str | None, gen: bool
+    messages: list[Message], tpl: ChatTemplate, *, tokenizer: Tokenizer, system: str | None, gen: bool
 ) -> RenderedPrompt:
     eos = getattr(tokenizer, "eos_token", None) or "</s>"
     if any(m["role"] == "system" for m in messages[1:]):
@@ -231,7 +232,7 @@ def expand_image_tokens(text: str, *, image_token: str, num_tokens: int) -> str:
 def encode(
     messages: list[Message],
     *,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     template: str,
     image_token: str,
     num_image_tokens: int | Sequence[int],
@@ -276,7 +277,7 @@ def encode(
     return EncodedPrompt(input_ids=ids, labels=labels, num_images=num_images)
 
 
-def _image_token_id(tokenizer: Any, image_token: str) -> int:
+def _image_token_id(tokenizer: Tokenizer, image_token: str) -> int:
     for token_id, added in tokenizer.added_tokens_decoder.items():
         if added.content == image_token and added.special:
             return token_id

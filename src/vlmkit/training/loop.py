@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vlmkit.data.dataset import Batch, ConversationDataset, collate, read_records
+from vlmkit.models.language.protocols import lm_module
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.prompting import IGNORE_INDEX
 from vlmkit.training import checkpoint as ckpt
@@ -86,10 +87,11 @@ def make_accelerator(config: TrainConfig) -> Any:
 
 def enable_checkpointing(model: nn.Module) -> None:
     """Per-layer activation checkpointing (non-reentrant, so frozen inputs need no requires_grad hack)."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    hf: Any = model  # a transformers model: its checkpointing methods are not nn.Module's
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def resolve_precision(precision: str, *, cpu: bool = False) -> str:
@@ -148,7 +150,7 @@ class Trainer:
         self.model.to(self.train_dtype)
         self.param_groups = apply_stage(self.model, self.config.stage)
         if self.config.grad_ckpt:
-            enable_checkpointing(self.model.language_model)
+            enable_checkpointing(lm_module(self.model.language_model))
             if not self.config.stage.vision_frozen:
                 enable_checkpointing(self.model.vision.model)
         self.train_mode()

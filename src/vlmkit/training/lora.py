@@ -14,6 +14,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from vlmkit.models.language.protocols import lm_module
 from vlmkit.models.vlm import VisionLanguageModel
 
 ADAPTER_DIR = "adapter"
@@ -35,7 +36,8 @@ def add_lora(model: VisionLanguageModel, *, rank: int, alpha: int, dropout: floa
     from peft import get_peft_model
 
     model.language_model = get_peft_model(
-        model.language_model, _lora_config(rank=rank, alpha=alpha, dropout=dropout, task_type="CAUSAL_LM")
+        lm_module(model.language_model),
+        _lora_config(rank=rank, alpha=alpha, dropout=dropout, task_type="CAUSAL_LM"),
     )
     if vision:
         model.vision.model = get_peft_model(

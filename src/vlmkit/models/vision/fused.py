@@ -8,6 +8,8 @@ size differs, resized. A tower whose patch grid is finer than the smallest grid 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,8 +18,11 @@ from vlmkit.config import VisionConfig
 from vlmkit.models.vision.encoder import VisionEncoder
 from vlmkit.models.vision.library import LIBRARIES, LibraryVisionEncoder
 
+# one (unfused) tower
+MemberEncoder = VisionEncoder | LibraryVisionEncoder
 
-def member_encoder(config: VisionConfig, *, model: nn.Module | None = None) -> nn.Module:
+
+def member_encoder(config: VisionConfig, *, model: nn.Module | None = None) -> MemberEncoder:
     """The encoder of one (unfused) tower config: a library tower or a transformers one."""
     if config.hf_config.get("model_type") in LIBRARIES:
         return LibraryVisionEncoder(config=config, model=model)
@@ -27,7 +32,7 @@ def member_encoder(config: VisionConfig, *, model: nn.Module | None = None) -> n
 class FusedVisionEncoder(nn.Module):
     """``towers`` encoders -> features [n, grid**2, sum of their widths]; the interface of ``VisionEncoder``."""
 
-    def __init__(self, *, config: VisionConfig, towers: list[nn.Module] | None = None) -> None:
+    def __init__(self, *, config: VisionConfig, towers: list[MemberEncoder] | None = None) -> None:
         super().__init__()
         self.config = config
         members = towers if towers is not None else [member_encoder(c) for c in config.towers]
@@ -52,14 +57,14 @@ class FusedVisionEncoder(nn.Module):
         return f"fused({self.name})"
 
     @property
-    def towers(self) -> list[nn.Module]:
-        return list(self.model)
+    def towers(self) -> list[MemberEncoder]:
+        return cast("list[MemberEncoder]", list(self.model))
 
     @property
     def num_tokens(self) -> int:
         return self.grid**2
 
-    def _tower_pixels(self, pixel_values: torch.Tensor, tower: nn.Module) -> torch.Tensor:
+    def _tower_pixels(self, pixel_values: torch.Tensor, tower: MemberEncoder) -> torch.Tensor:
         """Pixels normalised for the first tower -> the same image as ``tower``'s own preprocessing gives."""
         cfg, own = self.config, tower.config
         x = pixel_values

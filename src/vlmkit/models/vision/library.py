@@ -184,6 +184,9 @@ class _Stop(Exception):
 class LibraryVisionEncoder(nn.Module):
     """An open_clip or timm ViT, read out at one hidden state; the interface of ``VisionEncoder``."""
 
+    # the library's VisionTransformer: its attributes (grid_size, blocks, ...) differ per library
+    model: Any
+
     def __init__(self, *, config: VisionConfig, model: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
