@@ -20,6 +20,7 @@ import torch
 from vlmkit.processing.image import ImageLoadError, load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
 from vlmkit.processing.prompting import IGNORE_INDEX
+from vlmkit.processing.tiling import TileLayout
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TOKEN = "<image>"
@@ -40,12 +41,16 @@ class Record:
 
 @dataclass
 class Example:
-    """An encoded record: input_ids [seq], labels [seq], pixel_values [images, 3, S, S]."""
+    """An encoded record: input_ids [seq], labels [seq], pixel_values [images, 3, S, S].
+
+    AnyRes: pixel_values [tiles, 3, S, S] (per image its base view, then its tiles) and one layout per image.
+    """
 
     id: str
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor
+    image_layouts: list[TileLayout] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Batch:
     pixel_values: torch.Tensor
     ids: list[str]
     skipped: list[Skipped] = field(default_factory=list)
+    image_layouts: list[TileLayout] = field(default_factory=list)  # AnyRes: one per image, in order
 
     @property
     def num_target_tokens(self) -> int:
@@ -196,9 +202,11 @@ class ConversationDataset(torch.utils.data.Dataset):
             pil = [load_image(self.image_path(name)) for name in record.images]
         except ImageLoadError as exc:
             return Skipped(id=record.id, reason=str(exc))
+        layouts = self.processor.image_layouts(pil)  # AnyRes: each image's tiling; else None
         try:
             encoded = self.processor.encode_sample(
-                Sample(messages=record.messages, images=pil), add_generation_prompt=False, with_labels=True
+                Sample(messages=record.messages, images=pil), add_generation_prompt=False, with_labels=True,
+                layouts=layouts,
             )
         except ValueError as exc:  # e.g. a template that cannot render this conversation
             raise DataError(f"record {record.id!r}: field 'conversations' cannot be encoded: {exc}") from None
@@ -207,12 +215,18 @@ class ConversationDataset(torch.utils.data.Dataset):
                 id=record.id, reason=f"{len(encoded.input_ids)} tokens > max length {self.max_length}"
             )
         size = self.processor.image_processor.image_size
-        pixels = [self.processor.image_processor.preprocess_one(image) for image in pil]
+        if layouts is not None:  # AnyRes: each image's base view and tiles
+            anyres = self.processor.anyres
+            tiles = [anyres.preprocess(im, tiled=lay.grid != (0, 0)) for im, lay in zip(pil, layouts, strict=True)]
+            pixels = list(torch.cat(tiles)) if tiles else []
+        else:
+            pixels = [self.processor.image_processor.preprocess_one(image) for image in pil]
         return Example(
             id=record.id,
             input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
             labels=torch.tensor(encoded.labels, dtype=torch.long),
             pixel_values=torch.stack(pixels) if pixels else torch.empty((0, 3, size, size)),
+            image_layouts=list(layouts or []),
         )
 
 
@@ -235,4 +249,5 @@ def collate(items: Sequence[Example | Skipped], *, pad_token_id: int, image_size
         pixel_values=torch.cat(pixels) if pixels else torch.empty((0, 3, image_size, image_size)),
         ids=[e.id for e in examples],
         skipped=skipped,
+        image_layouts=[layout for e in examples for layout in e.image_layouts],
     )

@@ -295,6 +295,8 @@ class Trainer:
                 inputs["vision_features"] = self.cache(batch.pixel_values, encode=self._encode, device=device)
             else:
                 inputs["pixel_values"] = batch.pixel_values.to(device)
+            if batch.image_layouts:  # AnyRes: how each image's tiles pack into its tokens
+                inputs["image_layouts"] = batch.image_layouts
         return inputs
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from vlmkit.models.vlm import VisionLanguageModel, prompt_context
 from vlmkit.processing.prompting import IGNORE_INDEX
+from vlmkit.processing.tiling import TileLayout
 
 
 class TokenLoss(nn.Module):
@@ -42,20 +43,28 @@ class TokenLoss(nn.Module):
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        image_layouts: list[TileLayout] | None = None,
     ) -> torch.Tensor:
         """input_ids/attention_mask/labels [batch, seq]; pixel_values [images, 3, S, S] or
-        vision_features [images, vision_tokens, vision_dim] (cached tower output) -> scalar summed loss."""
+        vision_features [images, vision_tokens, vision_dim] (cached tower output) -> scalar summed loss.
+
+        AnyRes: pixel_values / vision_features hold every tile ([tiles, ...]) and ``image_layouts`` one per image."""
+        if image_layouts is not None and self.where_weight > 0:
+            raise ValueError("the where objective reads a square grid per image; it does not apply to AnyRes tiles")
         image_features, blank = None, None
         if vision_features is not None and self.model.text_conditioned:  # projected in the model's embed
             image_features = vision_features
         elif vision_features is not None:
             projector = self.model.projector
             image_features = projector(vision_features.to(next(projector.parameters()).dtype))
+            if self.model.tiling is not None:
+                image_features = self.model.tiling(image_features, layouts=image_layouts)
         elif pixel_values is not None:
-            image_features = self.model.encode_images(pixel_values)
+            image_features = self.model.encode_images(pixel_values, layouts=image_layouts)
         elif self.blank_images:  # before the LM, where a batch with images runs the tower
             size = self.model.config.vision.image_size
-            blank = self.model.encode_images(torch.zeros((1, 3, size, size), device=input_ids.device))
+            blank = self.model.encode_images(torch.zeros((1, 3, size, size), device=input_ids.device),
+                                             layouts=_blank_layout(self.model))  # fmt: skip
         # a text-conditioned projector reads the prompt only, never the answers it is trained to produce
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
                             context_mask=prompt_context(labels), use_cache=False).logits  # fmt: skip
@@ -80,6 +89,14 @@ class TokenLoss(nn.Module):
             ]
             loss = loss + 0.0 * sum(p.sum() for p in idle) if idle else loss
         return loss
+
+
+def _blank_layout(model: VisionLanguageModel) -> list[TileLayout] | None:
+    """AnyRes: the one-view layout of a blank S x S image (None for a fixed-size model)."""
+    if model.anyres is None:
+        return None
+    size = model.config.vision.image_size
+    return [model.anyres.layout(height=size, width=size, tiled=False)]
 
 
 def where_readout(*, dim: int, grid: int, device: torch.device) -> torch.Tensor:

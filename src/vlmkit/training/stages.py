@@ -30,7 +30,7 @@ def group_of(name: str) -> str:
     lora = ".lora_" in name
     if name.startswith("vision."):
         return "vision_lora" if lora else "vision"
-    if name.startswith("projector."):
+    if name.startswith(("projector.", "tiling.")):  # AnyRes' image_newline is part of the connector
         return "projector"
     return "lora" if lora else "language"
 
