@@ -35,7 +35,15 @@ from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult,
 from vlmkit.generation.kv_cache import new_cache, plain_layers
 from vlmkit.generation.static_cache import DEFAULT_POOL
 from vlmkit.generation.twins import onednn_gemm_twin
-from vlmkit.models.io import ModelDirError, load_weights, read_weights, replace_dir, save_weights
+from vlmkit.models.budget import check_fits, config_parts, element_bytes
+from vlmkit.models.io import (
+    ModelDirError,
+    config_errors,
+    load_weights,
+    read_weights,
+    replace_dir,
+    save_weights,
+)
 from vlmkit.models.language import ensure_vocab
 from vlmkit.models.language.protocols import lm_module
 from vlmkit.models.parts import (
@@ -310,6 +318,11 @@ class VLM:
             raise ModelDirError("no default model is bundled with this install; pass a model directory")
         check_model_dir(directory)
         raw = read_json(directory / "config.json")
+        # memory before validation: a vlmkit model is built in float32 first, others straight in their dtype
+        per_param = 4 if "vlmkit_version" in raw else element_bytes(resolve_dtype(dtype))
+        check_fits(
+            config_parts(raw), source=directory / "config.json", bytes_per_param=per_param, device=device
+        )
         if "vlmkit_version" in raw:
             vlm = cls._load_vlmkit(directory, raw=raw, dtype=resolve_dtype(dtype), options=options)
         else:
@@ -345,7 +358,8 @@ class VLM:
     ) -> VLM:
         config = VLMConfig.from_dict(raw)
         state = read_weights(directory)
-        model = VisionLanguageModel(config=config)
+        with config_errors(directory / "config.json"):  # zero heads, a string size, ...
+            model = VisionLanguageModel(config=config)
         if config.quantization is not None:
             # empty quantized layers of the saved layout, filled by load_weights
             prepare_quantized(lm_module(model.language_model), config=config.quantization)

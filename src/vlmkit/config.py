@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ SCHEMA_VERSION = 1
 
 VISION_SELECT = ("patch", "full")
 RESIZE_MODES = ("resize", "pad", "crop")
+# the tower's input side in pixels: real towers use 224..1024; far more only serves to exhaust memory
+MAX_IMAGE_SIZE = 4096
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QUANT_METHODS = ("int8", "int4", "nf4")
@@ -137,7 +141,8 @@ class VisionConfig:
             "vision.resize_mode",
             f"must be one of {RESIZE_MODES}, got {self.resize_mode!r}",
         )
-        _require(self.image_size > 0, "vision.image_size", f"must be positive, got {self.image_size}")
+        _require(0 < self.image_size <= MAX_IMAGE_SIZE, "vision.image_size",
+                 f"must be in 1..{MAX_IMAGE_SIZE}, got {self.image_size}")  # fmt: skip
         _require(len(self.image_mean) == 3, "vision.image_mean", "must have 3 values")
         _require(len(self.image_std) == 3, "vision.image_std", "must have 3 values")
         _require(all(s > 0 for s in self.image_std), "vision.image_std", "must be positive")
@@ -249,10 +254,7 @@ class VLMConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> VLMConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_dict(data)
@@ -308,3 +310,102 @@ def _check_scalar(hint: Any, value: Any, *, name: str) -> Any:
             f"config field '{name}' must be {hint.__name__}, got {type(value).__name__} {value!r}"
         )
     return value
+
+
+# ------------------------------------------------------------------------------------------ JSON files
+
+# config / tokenizer JSON: the largest real tokenizer.json files are ~35 MB; a bigger "config" is hostile
+MAX_JSON_BYTES = 64 * 2**20
+# real configs nest a handful of levels; deep nesting only serves to exhaust recursion in later code
+MAX_JSON_DEPTH = 64
+
+
+def read_json(
+    path: str | Path,
+    *,
+    error: type[Exception] = ConfigError,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int | None = MAX_JSON_DEPTH,
+) -> Any:
+    """The one JSON file reader of the package: a regular file only (never a FIFO or device, which could block
+    or never end), at most ``max_bytes``, nested at most ``max_depth`` levels; every failure is ``error``."""
+    return parse_json(read_text(path, error=error, max_bytes=max_bytes), where=str(path), error=error,
+                      max_depth=max_depth)  # fmt: skip
+
+
+def read_text(
+    path: str | Path, *, error: type[Exception] = ConfigError, max_bytes: int = MAX_JSON_BYTES
+) -> str:
+    """A regular file's UTF-8 text, refusing anything over ``max_bytes`` before reading it."""
+    data = read_bytes(path, error=error, max_bytes=max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def read_bytes(
+    path: str | Path, *, error: type[Exception] = ConfigError, max_bytes: int = MAX_JSON_BYTES
+) -> bytes:
+    """A regular file's bytes (never a FIFO or device), refusing anything over ``max_bytes`` before reading it."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error(f"{path.parent}: no {path.name} found") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot open ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it")
+        if info.st_size > max_bytes:
+            raise error(f"{path}: {info.st_size:,} bytes, more than the {max_bytes:,} allowed for this file")
+        data = handle.read(max_bytes + 1)  # the size can change after fstat (a file still being written)
+    if len(data) > max_bytes:
+        raise error(f"{path}: more than the {max_bytes:,} bytes allowed for this file")
+    return data
+
+
+def check_regular_file(path: str | Path, *, error: type[Exception] = ConfigError, max_bytes: int) -> None:
+    """For files another library reads: refuse a FIFO, device or directory, and anything over ``max_bytes``."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it")
+    if info.st_size > max_bytes:
+        raise error(f"{path}: {info.st_size:,} bytes, more than the {max_bytes:,} allowed for this file")
+
+
+def parse_json(
+    text: str, *, where: str, error: type[Exception] = ConfigError, max_depth: int | None = MAX_JSON_DEPTH
+) -> Any:
+    """``json.loads`` with every failure (syntax, 5,000-digit numbers, nesting) as one ``error`` naming ``where``."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        limit = max_depth or "about 1,000"
+        raise error(f"{where}: JSON nested too deeply (at most {limit} levels)") from None
+    except ValueError as exc:  # JSONDecodeError, and int() refusing thousands of digits
+        raise error(f"{where}: not valid JSON ({exc})") from None
+    if max_depth is not None and json_depth(data, limit=max_depth) > max_depth:
+        raise error(f"{where}: JSON nested more than {max_depth} levels deep")
+    return data
+
+
+def json_depth(data: Any, *, limit: int) -> int:
+    """Nesting depth of parsed JSON, walked without recursion, stopping once past ``limit``."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest

@@ -216,9 +216,15 @@ def debug_enabled() -> bool:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    # ModelDirError, ConfigError, ImageLoadError and generation-argument errors are all ValueErrors;
-    # OSError covers unreadable/unwritable paths that the libraries report themselves.
-    return isinstance(exc, ValueError | OSError)
+    # ModelDirError, ConfigError, DataError, ImageLoadError and generation-argument errors are all ValueErrors;
+    # OSError covers unreadable/unwritable paths that the libraries report themselves. Bad files that a library
+    # reports in its own terms are the user's too: a corrupt safetensors file (SafetensorError), JSON nested
+    # past the recursion limit (the loaders refuse it first; this covers any other reader).
+    if isinstance(exc, ValueError | OSError):
+        return True
+    if type(exc).__name__ == "SafetensorError":  # safetensors' Rust error; importing it here would be slow
+        return True
+    return isinstance(exc, RecursionError) and "JSON" in str(exc)
 
 
 def report_exception(exc: BaseException, *, debug: bool) -> int:

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from vlmkit.config import CLIP_MEAN, CLIP_STD, MAX_JSON_BYTES, PromptConfig, VisionConfig, check_regular_file
-from vlmkit.models.io import ModelDirError, check_no_pickle_only, check_no_remote_code, read_json
+from vlmkit.models.budget import check_fits, element_bytes, estimate
+from vlmkit.models.io import (
+    ModelDirError,
+    check_no_pickle_only,
+    check_no_remote_code,
+    config_errors,
+    read_json,
+)
 from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.processing.tokenizer_protocol import Tokenizer
 
@@ -58,7 +65,8 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
     import transformers
 
     path = check_model_dir(source)
-    model_type = read_json(path / "config.json").get("model_type")
+    raw = read_json(path / "config.json")
+    model_type = raw.get("model_type")
     class_name = _VISION_CLASSES.get(model_type)  # type: ignore[arg-type]
     if class_name is None:
         raise ModelDirError(
@@ -66,7 +74,12 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
             f"(supported: {', '.join(sorted(set(_VISION_CLASSES)))})"
         )
     check_no_pickle_only(path)
-    return getattr(transformers, class_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    vision = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else raw  # CLIP: its half
+    check_fits(
+        {"vision": estimate(vision)}, source=path / "config.json", bytes_per_param=element_bytes(dtype)
+    )
+    with config_errors(path / "config.json"):
+        return getattr(transformers, class_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
 
 
 def vision_config_for(*, tower: nn.Module, source: str | Path, overrides: dict[str, Any]) -> VisionConfig:
@@ -110,9 +123,11 @@ def load_language_model(source: str | Path, *, dtype: torch.dtype | None = None)
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(source)
-    read_json(path / "config.json")
+    raw = read_json(path / "config.json")
     check_no_pickle_only(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    check_fits({"language": estimate(raw)}, source=path / "config.json", bytes_per_param=element_bytes(dtype))
+    with config_errors(path / "config.json"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     # transformers declares get_input_embeddings() an nn.Module; a causal LM's is an nn.Embedding
     return cast(LanguageModel, model)
 

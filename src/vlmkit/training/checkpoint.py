@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmkit.config import read_json as read_json_file
 from vlmkit.models.io import replace_dir
 from vlmkit.training.stages import iter_trainable
 
@@ -53,10 +54,8 @@ def write_json(path: Path, *, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint file ({exc})") from None
+    """A checkpoint's JSON file, with the package's bounds (regular file, size, nesting) as ``CheckpointError``."""
+    return read_json_file(path, error=CheckpointError)
 
 
 # -------------------------------------------------------------------------------------------------- write

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import ProjectorConfig, TilingConfig, VisionConfig
+from vlmkit.models.io import check_no_remote_code
 from vlmkit.processing.tiling import AnyRes
 from vlmkit.training.stages import GROUP_ORDER, StageConfig
 
@@ -143,7 +144,7 @@ def shape_from_configs(
     projector_cfg = projector if isinstance(projector, ProjectorConfig) else ProjectorConfig(type=projector)
     with torch.device("meta"):
         encoder = build_vision_encoder(config=vision_cfg)
-        lm = AutoModelForCausalLM.from_config(language)
+        lm = AutoModelForCausalLM.from_config(language, trust_remote_code=False)
         lm_dim = lm.get_input_embeddings().weight.shape[1]
         proj = build_projector(config=projector_cfg, in_dim=encoder.hidden_size, out_dim=lm_dim)
     deepest = max(getattr(encoder, "towers", [encoder]), key=lambda m: len(_layers(m.model)))  # fused: a member
@@ -175,18 +176,23 @@ def anyres_shape(shape: ModelShape, *, max_tiles: int, max_tile_tokens: int | No
 def shape_from_dirs(*, vision: str | Path, language: str | Path, **kwargs: Any) -> ModelShape:
     """Like ``shape_from_configs`` from model directories or hub ids (only their configs are read); ``vision``
     may name open_clip / timm towers or several towers (fused), as ``VLM.build`` takes it."""
-    from transformers import AutoConfig
-
     from vlmkit.models.vision import vision_config_from_dirs
     from vlmkit.models.vision.encoder import vision_hf_config
 
     tower = vision_config_from_dirs(vision, overrides={"image_size": kwargs.get("image_size")})
     if tower is not None:
-        return shape_from_configs(vision=tower, language=AutoConfig.from_pretrained(str(language)), **kwargs)
-    vision_config = AutoConfig.from_pretrained(str(vision)).to_dict()  # CLIP/SigLIP: keeps the vision half
-    return shape_from_configs(
-        vision=vision_hf_config(vision_config), language=AutoConfig.from_pretrained(str(language)), **kwargs
-    )
+        return shape_from_configs(vision=tower, language=_hf_config(language), **kwargs)
+    vision_config = _hf_config(vision).to_dict()  # CLIP/SigLIP: keeps the vision half
+    return shape_from_configs(vision=vision_hf_config(vision_config), language=_hf_config(language), **kwargs)
+
+
+def _hf_config(source: str | Path) -> Any:
+    """A transformers config from a local dir (refused if it ships code) or a hub id; never runs model code."""
+    from transformers import AutoConfig
+
+    if Path(source).expanduser().is_dir():
+        check_no_remote_code(Path(source).expanduser())
+    return AutoConfig.from_pretrained(str(source), trust_remote_code=False)
 
 
 # ------------------------------------------------------------------------------------------ activations

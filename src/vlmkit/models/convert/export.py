@@ -120,7 +120,7 @@ def _language_reasons(lm: nn.Module) -> list[str]:
     if head.bias is not None:
         reasons.append(f"language model {name}: output head has a bias (llava-hf's lm_head has none)")
     with torch.device("meta"):
-        expected = type(AutoModel.from_config(lm.config))
+        expected = type(AutoModel.from_config(lm.config, trust_remote_code=False))
     if type(base) is not expected:
         reasons.append(
             f"language model {name}: its base is {type(base).__name__}, llava-hf builds {expected.__name__}"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vlmkit.config import LanguageConfig, ProjectorConfig, PromptConfig, VisionConfig, VLMConfig
-from vlmkit.models.io import ModelDirError, check_no_pickle_only
+from vlmkit.models.io import ModelDirError, check_no_pickle_only, config_errors
 from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.models.parts import add_image_token, hf_config_dict, load_tokenizer, read_json
 from vlmkit.models.vision import VisionEncoder
@@ -93,14 +93,15 @@ def _load_transformers_llava(directory: Path, *, dtype: torch.dtype | None, clas
 
     check_no_pickle_only(directory)
     model_class = getattr(transformers, class_name or "LlavaForConditionalGeneration")
-    llava, info = model_class.from_pretrained(
-        directory,
-        dtype=dtype if dtype is not None else "auto",
-        use_safetensors=True,
-        local_files_only=True,
-        output_loading_info=True,
-        trust_remote_code=False,
-    )
+    with config_errors(directory / "config.json"):
+        llava, info = model_class.from_pretrained(
+            directory,
+            dtype=dtype if dtype is not None else "auto",
+            use_safetensors=True,
+            local_files_only=True,
+            output_loading_info=True,
+            trust_remote_code=False,
+        )
     # transformers only warns about these; a silently re-initialised tensor would be a wrong model
     missing = sorted(set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
                                                            for k in info.get("mismatched_keys", ())})  # fmt: skip

@@ -22,6 +22,7 @@ from vlmkit.models.io import (
     WEIGHTS_NAME,
     ModelDirError,
     check_no_pickle_only,
+    config_errors,
     read_json,
     weight_files,
 )
@@ -169,17 +170,18 @@ def _load_language_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in raw.items() if k not in _LLAVA_FIELDS and not k.startswith("mm_")}
-    text_config = AutoConfig.for_model(lm_type, **fields)
     check_no_pickle_only(directory)
-    model, info = AutoModelForCausalLM.from_pretrained(
-        directory,
-        config=text_config,
-        dtype=dtype if dtype is not None else "auto",
-        use_safetensors=True,
-        local_files_only=True,
-        output_loading_info=True,
-        trust_remote_code=False,
-    )
+    with config_errors(directory / "config.json"):
+        text_config = AutoConfig.for_model(lm_type, **fields)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory,
+            config=text_config,
+            dtype=dtype if dtype is not None else "auto",
+            use_safetensors=True,
+            local_files_only=True,
+            output_loading_info=True,
+            trust_remote_code=False,
+        )
     # unexpected keys are the projector / tower (read separately); missing ones would be random weights
     missing = sorted(info.get("missing_keys", ()))
     if missing or info.get("mismatched_keys"):

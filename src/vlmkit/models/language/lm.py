@@ -21,7 +21,7 @@ def build_language_model(hf_config: dict[str, Any]) -> LanguageModel:
     """A randomly initialised causal LM from its config dict (weights are loaded separately)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(language_hf_config(hf_config))
+    return AutoModelForCausalLM.from_config(language_hf_config(hf_config), trust_remote_code=False)
 
 
 def ensure_vocab(model: LanguageModel, *, size: int) -> None:

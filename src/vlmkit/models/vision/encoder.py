@@ -43,7 +43,7 @@ class VisionEncoder(nn.Module):
 
         hf_config = vision_hf_config(config.hf_config)
         self.config = config
-        self.model = model if model is not None else AutoModel.from_config(hf_config)
+        self.model = model if model is not None else AutoModel.from_config(hf_config, trust_remote_code=False)
         self.model_type = hf_config.model_type
         self.hidden_size: int = hf_config.hidden_size
         self.patch_size: int = hf_config.patch_size

@@ -1,0 +1,390 @@
+"""Hostile model directories and training data (issue 22): each is refused with one clear error, in bounded
+time and memory, before anything runs or is built.
+
+Classes: code shipped in a model directory (``auto_map``), configs describing absurd sizes, JSON files that
+are FIFOs / devices / huge / deeply nested, corrupt or escaping weights, config values transformers chokes on,
+training records that are too long / unrenderable / all skipped, image paths outside ``--image-folder``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from vlmkit.api import VLM
+from vlmkit.cli.main import app
+from vlmkit.config import ConfigError, json_depth, parse_json, read_json
+from vlmkit.models.budget import MEMORY_LIMIT_ENV, config_parts, estimate
+from vlmkit.models.io import ModelDirError, read_weights
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "vlmkit"
+# the evil module writes this marker when imported: its existence means code from the model dir ran
+EVIL_CODE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("code from the model directory ran")
+from transformers import PreTrainedTokenizerFast, LlamaForCausalLM
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+
+
+class EvilModel(LlamaForCausalLM):
+    pass
+"""
+
+
+def run_cli(*args: str | Path, input: str | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def run_subprocess(*args: str | Path, stdin: str = "y\n", timeout: float = 120, env: dict | None = None):
+    """The real console entry point, with piped stdin that would answer "y" to any prompt."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vlmkit", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def copy_dir(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def plant_code(directory: Path, *, marker: Path, file: str) -> None:
+    """An ``auto_map`` in ``file`` pointing at a module that writes ``marker`` when imported."""
+    (directory / "evil_code.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    key = {"tokenizer_config.json": "AutoTokenizer", "config.json": "AutoModelForCausalLM"}[file]
+    value = [None, "evil_code.EvilTokenizer"] if key == "AutoTokenizer" else "evil_code.EvilModel"
+    edit_json(directory / file, lambda d: d.update(auto_map={key: value}))
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("pictures") / "red.png"
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------- 1. code in a model dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["ask", "chat", "build"])
+def test_auto_map_never_runs_and_never_prompts(command, tiny_vlm_dir, parts, picture, tmp_path):
+    marker = tmp_path / "MARKER"
+    if command == "build":
+        evil = copy_dir(parts["llama"], tmp_path / "evil-lm")
+        plant_code(evil, marker=marker, file="config.json")
+        args = [
+            "build",
+            "--vision",
+            parts["clip"],
+            "--language",
+            evil,
+            "--projector",
+            "mlp",
+            "--out",
+            tmp_path / "o",
+        ]
+    else:
+        evil = copy_dir(tiny_vlm_dir, tmp_path / "evil-vlm")
+        plant_code(evil, marker=marker, file="tokenizer_config.json")
+        args = (
+            ["ask", picture, "--prompt", "hi", "--model", evil]
+            if command == "ask"
+            else ["chat", "--model", evil]
+        )
+    result = run_subprocess(*args, stdin="y\ny\ny\n")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "auto_map" in errors[0] and "evil_code.py" in errors[0], output
+    assert ("tokenizer_config.json" if command != "build" else "config.json") in errors[0]
+    assert "custom code" not in output and "[y/N]" not in output  # transformers' prompt never appeared
+    assert not marker.exists()
+
+
+def test_auto_map_refused_by_the_python_api(tiny_vlm_dir, parts, tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = copy_dir(tiny_vlm_dir, tmp_path / "evil-vlm")
+    plant_code(evil, marker=marker, file="tokenizer_config.json")
+    with pytest.raises(ModelDirError, match=r"tokenizer_config\.json.*auto_map.*evil_code\.py"):
+        VLM.from_pretrained(evil)
+    lm = copy_dir(parts["llama"], tmp_path / "evil-lm")
+    plant_code(lm, marker=marker, file="config.json")
+    with pytest.raises(ModelDirError, match=r"config\.json.*auto_map"):
+        VLM.build(vision=parts["clip"], language=lm)
+    nested = copy_dir(tiny_vlm_dir, tmp_path / "nested")  # hidden inside the vlmkit config's hf_config
+    edit_json(
+        nested / "config.json", lambda d: d["language"]["hf_config"].update(auto_map={"AutoModel": "x.Y"})
+    )
+    with pytest.raises(ModelDirError, match=r"auto_map.*x\.py"):
+        VLM.from_pretrained(nested)
+    assert not marker.exists()
+
+
+def _loader_calls() -> list[str]:
+    """Every ``X.from_pretrained(...)`` / ``X.from_config(...)`` in src that is not vlmkit's own, without
+    ``trust_remote_code=False``: each of them could reach transformers' remote-code prompt."""
+    own = {"VLM", "cls", "PeftModel", "LoraConfig", "TilingConfig", "VLMConfig", "Recipe"}  # not transformers
+    missing = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("from_pretrained", "from_config"):
+                continue
+            receiver = node.func.value
+            if isinstance(receiver, ast.Name) and receiver.id in own:
+                continue
+            safe = any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
+                       for k in node.keywords)  # fmt: skip
+            if not safe:
+                missing.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    return missing
+
+
+def test_every_transformers_loader_passes_trust_remote_code_false():
+    assert _loader_calls() == []
+
+
+# ----------------------------------------------------------------------------- 2. memory before validation
+
+
+ABSURD = {
+    "hidden": lambda c: c["language"]["hf_config"].update(hidden_size=10**9),
+    "layers": lambda c: c["language"]["hf_config"].update(num_hidden_layers=10**9),
+    "vocab": lambda c: c["language"]["hf_config"].update(vocab_size=10**9),
+    "tower_positions": lambda c: c["vision"]["hf_config"].update(image_size=10**7, patch_size=1),
+    "projector_depth": lambda c: c["projector"].update(depth=10**9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ABSURD))
+def test_absurd_sizes_are_refused_before_building(case, tiny_vlm_dir, tmp_path):
+    hostile = copy_dir(tiny_vlm_dir, tmp_path / case)
+    edit_json(hostile / "config.json", ABSURD[case])
+    start = time.perf_counter()
+    with pytest.raises(
+        ModelDirError, match=r"config\.json: .* needing at least [\d,.]+ GB .* GB is available RAM"
+    ):
+        VLM.from_pretrained(hostile)
+    assert time.perf_counter() - start < 5  # refused from the config: nothing was allocated or built
+
+
+def test_absurd_parts_are_refused_by_build(parts, tmp_path):
+    lm = copy_dir(parts["llama"], tmp_path / "lm")
+    edit_json(lm / "config.json", lambda c: c.update(num_hidden_layers=10**8, hidden_size=4096))
+    with pytest.raises(ModelDirError, match=r"num_hidden_layers|layers=100,000,000"):
+        VLM.build(vision=parts["clip"], language=lm)
+    tower = copy_dir(parts["clip"], tmp_path / "tower")
+    edit_json(tower / "config.json", lambda c: c.update(hidden_size=10**8))
+    with pytest.raises(ModelDirError, match=r"hidden_size=100,000,000"):
+        VLM.build(vision=tower, language=parts["llama"])
+
+
+def test_the_memory_limit_is_what_the_check_uses(tiny_vlm_dir, monkeypatch):
+    """The tiny model fits anywhere; under a 100 KB limit the same check refuses it, naming both sizes."""
+    assert VLM.from_pretrained(tiny_vlm_dir) is not None
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "100KB")
+    with pytest.raises(ModelDirError, match=rf"0\.0 GB .* allowed by {MEMORY_LIMIT_ENV}=100KB"):
+        VLM.from_pretrained(tiny_vlm_dir)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
+    with pytest.raises(ModelDirError, match=MEMORY_LIMIT_ENV):
+        VLM.from_pretrained(tiny_vlm_dir)
+
+
+def _exact_parameters(config) -> int:
+    """What ``vlmkit plan`` counts: the model built on the meta device."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = (AutoModel if hasattr(config, "patch_size") else AutoModelForCausalLM).from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_the_estimate_is_a_tight_lower_bound_of_the_exact_count():
+    """Real architectures at real sizes (Llama-2-7B, Qwen2-7B, Mistral, GPT-2, OPT, CLIP-L/336, SigLIP, DINOv2):
+    the closed form never over-counts (it must not refuse a model that fits) and stays within 10%."""
+    from transformers import (
+        CLIPVisionConfig,
+        Dinov2Config,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    configs = [LlamaConfig(), Qwen2Config(), MistralConfig(), GPT2Config(), OPTConfig(), SiglipVisionConfig(),
+               Dinov2Config(), CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                num_attention_heads=16, image_size=336, patch_size=14)]  # fmt: skip
+    for config in configs:
+        exact = _exact_parameters(config)
+        estimated = estimate(json.loads(config.to_json_string())).parameters
+        assert 0.9 * exact <= estimated <= exact, (type(config).__name__, estimated, exact)
+
+
+def test_estimate_survives_garbage_values():
+    """Strings, bools, negatives, NaN and 400-digit numbers in a config never crash the estimate."""
+    garbage = {"hidden_size": "big", "num_hidden_layers": True, "vocab_size": -5, "intermediate_size": float("nan"),
+               "num_attention_heads": 0, "head_dim": 10**400}  # fmt: skip
+    assert estimate(garbage).parameters >= 0
+    assert (
+        config_parts({"vision": [], "language": {"hf_config": "x"}, "projector": None})["language"].parameters
+        == 0
+    )
+
+
+# ------------------------------------------------------------------------------------ bounded JSON reading
+
+
+def test_json_reader_refuses_fifo_device_huge_and_deep(tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_json(fifo)  # never waits for a writer
+    assert time.perf_counter() - start < 2
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_json(tmp_path / "zero.json")
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as handle:  # sparse: 65 MB on paper, nothing on disk
+        handle.truncate(65 * 2**20)
+    with pytest.raises(ConfigError, match="67,108,864 allowed"):
+        read_json(huge)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_json("[" * 200_000 + "]" * 200_000, where="deep")  # past the interpreter's recursion limit
+    with pytest.raises(ConfigError, match="nested more than 64 levels"):
+        parse_json('{"a":' * 100 + "1" + "}" * 100, where="deep")  # parses, but deeper than any real config
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse_json("[" + "9" * 5000 + "]", where="digits")
+    assert json_depth(parse_json('{"a": [1, {"b": 2}]}', where="ok"), limit=64) == 3
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "deep", "huge"])
+def test_hostile_config_json_is_a_user_error(kind, tiny_vlm_dir, tmp_path, picture):
+    hostile = copy_dir(tiny_vlm_dir, tmp_path / kind)
+    target = hostile / "config.json"
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        target.symlink_to("/dev/urandom")
+    elif kind == "deep":
+        target.write_text('{"vision":' * 50_000 + "{}" + "}" * 50_000)
+    else:
+        with open(target, "wb") as handle:
+            handle.truncate(100 * 2**20)
+    start = time.perf_counter()
+    result = run_cli("ask", picture, "--prompt", "hi", "--model", hostile)
+    assert time.perf_counter() - start < 10
+    assert result.exit_code == 2
+    assert "config.json" in result.stderr and "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_hostile_tokenizer_files_are_refused(name, tiny_vlm_dir, tmp_path):
+    hostile = copy_dir(tiny_vlm_dir, tmp_path / "tok")
+    (hostile / name).unlink()
+    os.mkfifo(hostile / name)
+    with pytest.raises(ModelDirError, match=rf"{name}: not a regular file"):
+        VLM.from_pretrained(hostile)
+
+
+# ---------------------------------------------------------------------------------------- weights on disk
+
+
+def _sharded(tmp_path: Path, index) -> Path:
+    directory = tmp_path / "sharded"
+    directory.mkdir()
+    save_file({"w": torch.zeros(2)}, str(directory / "model-00001.safetensors"))
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ({"weight_map": {"w": "model-00002.safetensors"}}, "shard model-00002.safetensors is missing"),
+        ({"weight_map": {"w": "../outside.safetensors"}}, "not a file name inside the model directory"),
+        ({"weight_map": {"w": "/etc/passwd"}}, "not a file name inside the model directory"),
+        ({"weight_map": {"w": 7}}, "not a file name inside"),
+        ({"weight_map": ["model-00001.safetensors"]}, "must be a non-empty object"),
+        ({"weights": {}}, "must be a non-empty object"),
+        (["model-00001.safetensors"], "expected a JSON object"),
+    ],
+)
+def test_bogus_shard_index_is_refused(index, message, tmp_path):
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    with pytest.raises(ModelDirError, match=message):
+        read_weights(_sharded(tmp_path, index))
+
+
+def test_a_valid_shard_index_still_loads(tmp_path):
+    state = read_weights(_sharded(tmp_path, {"weight_map": {"w": "model-00001.safetensors"}}))
+    assert torch.equal(state["w"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "header_too_large"])
+def test_corrupt_safetensors_is_one_error_line(damage, tiny_vlm_dir, tmp_path, picture):
+    hostile = copy_dir(tiny_vlm_dir, tmp_path / damage)
+    weights = hostile / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "garbage":
+        weights.write_bytes(os.urandom(4096))
+    elif damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes((2**62).to_bytes(8, "little") + data[8:])
+    result = run_cli("ask", picture, "--prompt", "hi", "--model", hostile)
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "model.safetensors" in lines[0]
+    assert "internal error" not in lines[0]
+
+
+# ------------------------------------------------------------------------ config values transformers rejects
+
+
+CONFIG_ERRORS = {
+    "string_size": lambda c: c["language"]["hf_config"].update(hidden_size="wide"),
+    "zero_heads": lambda c: c["language"]["hf_config"].update(num_attention_heads=0),
+    "indivisible_heads": lambda c: c["language"]["hf_config"].update(num_attention_heads=5),
+    "float_size": lambda c: c["language"]["hf_config"].update(hidden_size=48.5),
+    "unknown_type": lambda c: c["language"]["hf_config"].update(model_type="not-a-model"),
+    "bad_select": lambda c: c["vision"].update(select="everything"),
+    "huge_image_size": lambda c: c["vision"].update(image_size=10**6),
+    "schema_type": lambda c: c.update(vlmkit_version="one"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
+def test_config_errors_exit_2_with_one_line(case, tiny_vlm_dir, tmp_path, picture):
+    hostile = copy_dir(tiny_vlm_dir, tmp_path / case)
+    edit_json(hostile / "config.json", CONFIG_ERRORS[case])
+    result = run_cli("ask", picture, "--prompt", "hi", "--model", hostile)
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error:") and "internal error" not in result.stderr
