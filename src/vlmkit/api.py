@@ -362,7 +362,7 @@ class VLM:
             model = VisionLanguageModel(config=config)
         if config.quantization is not None:
             # empty quantized layers of the saved layout, filled by load_weights
-            prepare_quantized(lm_module(model.language_model), config=config.quantization)
+            prepare_quantized(model.language_model, config=config.quantization)
         load_weights(model, state, source=directory)
         stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         model.to(dtype or stored)

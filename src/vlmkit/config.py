@@ -280,7 +280,7 @@ def _from_dict(cls: type, data: Any, *, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, *, name: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, prefix=f"{name}.")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

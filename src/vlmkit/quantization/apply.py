@@ -7,23 +7,28 @@ integration keeps it too). Everything else keeps the compute dtype.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vlmkit.config import QuantizationConfig
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.quantization.errors import QuantizationError
 from vlmkit.quantization.linear import INT4_GROUP_SIZES, Int4Linear, Int8DynamicLinear, QuantizedLinear
 from vlmkit.quantization.schemes import Scheme, resolve_scheme, scheme_named
 
+if TYPE_CHECKING:
+    from vlmkit.models.vlm import VisionLanguageModel
+
 INT4_GROUP_SIZE = 128  # torchao's default; smaller layers take the largest of 64 / 32 that divides them
 
 
-def target_linears(lm: nn.Module) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+def target_linears(lm: LanguageModel) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
     """(name, layer) of every ``nn.Linear`` to quantize, and the names of those kept (the output layer)."""
     output = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    targets, kept = [], []
+    targets: list[tuple[str, nn.Linear]] = []
+    kept: list[tuple[str, nn.Linear]] = []
     for name, module in lm.named_modules():
         if type(module) is nn.Linear:
             (kept if module is output else targets).append((name, module))
@@ -41,7 +46,9 @@ def int4_group_size(linears: list[tuple[str, nn.Linear]]) -> int:
     )
 
 
-def quantize_model(model: nn.Module, *, method: str, device: str | torch.device | None) -> QuantizationConfig:
+def quantize_model(
+    model: VisionLanguageModel, *, method: str, device: str | torch.device | None
+) -> QuantizationConfig:
     """Quantize ``model.language_model`` for ``device`` (moving the whole model there); -> the config to store."""
     scheme = resolve_scheme(method, device=device)
     lm = model.language_model
@@ -65,13 +72,13 @@ def _cpu_layer(linear: nn.Linear, *, scheme: Scheme, group_size: int | None) -> 
     return Int4Linear.from_linear(linear, group_size=group_size or INT4_GROUP_SIZE)
 
 
-def _swap(lm: nn.Module, targets: list[tuple[str, nn.Linear]], make: Any) -> None:
+def _swap(lm: LanguageModel, targets: list[tuple[str, nn.Linear]], make: Any) -> None:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(lm.get_submodule(parent_name) if parent_name else lm, child, make(linear))
 
 
-def prepare_quantized(lm: nn.Module, *, config: QuantizationConfig) -> None:
+def prepare_quantized(lm: LanguageModel, *, config: QuantizationConfig) -> None:
     """Swap ``lm``'s layers for empty quantized ones of ``config``'s scheme, ready for ``load_state_dict``."""
     scheme = scheme_named(config.scheme)
     if not scheme.portable:
@@ -84,7 +91,7 @@ def prepare_quantized(lm: nn.Module, *, config: QuantizationConfig) -> None:
         )
 
     def empty(linear: nn.Linear) -> QuantizedLinear:
-        shape = {"in_features": linear.in_features, "out_features": linear.out_features,
+        shape: dict[str, Any] = {"in_features": linear.in_features, "out_features": linear.out_features,
                  "bias": linear.bias is not None}  # fmt: skip
         if scheme.method == "int8":
             return Int8DynamicLinear(**shape)
@@ -93,7 +100,7 @@ def prepare_quantized(lm: nn.Module, *, config: QuantizationConfig) -> None:
     _swap(lm, targets, empty)
 
 
-def is_quantized(module: nn.Module) -> bool:
+def is_quantized(module: nn.Module | LanguageModel) -> bool:
     """Whether any layer below ``module`` is quantized (ours, bitsandbytes' or torchao's)."""
     return any(_quantized_layer(m) for m in module.modules())
 

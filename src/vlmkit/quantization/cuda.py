@@ -6,20 +6,24 @@ CUDA device is missing (``schemes.resolve_scheme`` checks before any weight move
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.quantization.errors import QuantizationError
 from vlmkit.quantization.schemes import INSTALL_QUANT, Scheme
+
+if TYPE_CHECKING:
+    from vlmkit.models.vlm import VisionLanguageModel
 
 LLM_INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig default: outlier columns above it stay in 16 bits
 TORCHAO_INT4_GROUP = 128
 
 
 def quantize(
-    model: nn.Module, *, scheme: Scheme, targets: list[tuple[str, nn.Linear]], device: Any
+    model: VisionLanguageModel, *, scheme: Scheme, targets: list[tuple[str, nn.Linear]], device: Any
 ) -> int | None:
     """Quantize ``targets`` (layers of ``model.language_model``) by ``scheme``; the model ends on ``device``.
 
@@ -34,7 +38,7 @@ def quantize(
     return TORCHAO_INT4_GROUP
 
 
-def _bitsandbytes(lm: nn.Module, *, scheme: Scheme, targets: list[tuple[str, nn.Linear]]) -> None:
+def _bitsandbytes(lm: LanguageModel, *, scheme: Scheme, targets: list[tuple[str, nn.Linear]]) -> None:
     import bitsandbytes as bnb
 
     for name, linear in targets:
@@ -62,7 +66,7 @@ def _bnb_layer(bnb: Any, linear: nn.Linear, *, nf4: bool) -> nn.Module:
     return layer
 
 
-def _torchao_int4(lm: nn.Module, *, targets: list[tuple[str, nn.Linear]]) -> None:
+def _torchao_int4(lm: LanguageModel, *, targets: list[tuple[str, nn.Linear]]) -> None:
     try:
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
     except ImportError as exc:

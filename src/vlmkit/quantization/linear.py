@@ -41,6 +41,9 @@ class QuantizedLinear(nn.Module):
     """Common part: shapes, device-only moves of the quantized buffers, the autograd bridge, dequantization."""
 
     scheme = ""  # the name stored in config.json's ``quantization.scheme``
+    # buffers (registered in __init__), declared for type checkers: not nn.Module.__getattr__'s Tensor | Module
+    bias: torch.Tensor | None
+    qweight: torch.Tensor
 
     def __init__(self, *, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -53,6 +56,7 @@ class QuantizedLinear(nn.Module):
         super()._apply(fn, recurse)
         for name, old in kept.items():
             moved = self._buffers[name]
+            assert moved is not None  # _apply maps a tensor to a tensor
             self._buffers[name] = old.to(moved.device) if moved.dtype != old.dtype else moved
         return self
 
@@ -125,6 +129,7 @@ class Int8DynamicLinear(QuantizedLinear):
     """int8 weights + per-row scales; activations quantized per token on each call; int8 x int8 -> int32 GEMM."""
 
     scheme = "int8-dynamic-per-token"
+    scale: torch.Tensor
 
     def __init__(self, *, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features=in_features, out_features=out_features, bias=bias)
@@ -140,7 +145,7 @@ class Int8DynamicLinear(QuantizedLinear):
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out] symmetric per row
         layer.qweight.copy_((weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         layer.scale.copy_(scale)
-        if linear.bias is not None:
+        if linear.bias is not None and layer.bias is not None:  # both or neither
             layer.bias.copy_(linear.bias.detach().float())
         return layer.to(linear.weight.device)
 
@@ -175,6 +180,8 @@ class Int4Linear(QuantizedLinear):
     """4-bit codes (two per byte) + a bfloat16 scale and zero per group: weight = (code - 8) * scale + zero."""
 
     scheme = "int4-weight-only-grouped"
+    scales: torch.Tensor
+    zeros: torch.Tensor
 
     def __init__(self, *, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
         super().__init__(in_features=in_features, out_features=out_features, bias=bias)
@@ -201,7 +208,7 @@ class Int4Linear(QuantizedLinear):
         layer.qweight.copy_(codes[:, 0::2] | (codes[:, 1::2] << 4))
         layer.scales.copy_(scale)
         layer.zeros.copy_(zero)
-        if linear.bias is not None:
+        if linear.bias is not None and layer.bias is not None:  # both or neither
             layer.bias.copy_(linear.bias.detach().float())
         return layer.to(linear.weight.device)
 
