@@ -3,6 +3,8 @@ leaks (padding, answers), batch == single, cached decode == teacher-forced recom
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -207,3 +209,50 @@ def test_new_projectors_train_and_round_trip(parts, tmp_path, kind):
     assert after < 0.2 * before, (before, after)
     moved = [k for k, v in loaded.model.projector.state_dict().items() if not torch.equal(v, start[k])]
     assert len(moved) == len(start)  # every projector tensor trained (for cross-attn: the gates opened too)
+
+
+def test_cross_attn_refuses_anyres_tiling(parts):
+    with pytest.raises(ValueError, match="AnyRes tiling does not combine"):
+        VLM.build(vision=parts["clip"], language=parts["llama"], projector="cross-attn", resolution="anyres")
+
+
+def test_cross_attn_through_the_server(cross_vlm, images):
+    """The server's batched and streamed answers equal ``chat`` on the same messages."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.testclient import TestClient
+
+    from vlmkit.serving.app import create_app
+
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    vlm = cross_vlm.enable_caches()
+
+    def messages(question: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": question}]}]  # fmt: skip
+
+    questions = ["What colour is it?", "How many circles are there on the left side?"]
+    expected = [vlm.chat(messages(q), max_new_tokens=6) for q in questions]
+    with TestClient(create_app(vlm)) as http:
+
+        def post(question: str, stream: bool = False):
+            body = {"messages": messages(question), "max_tokens": 6, "temperature": 0, "stream": stream}
+            return http.post("/v1/chat/completions", json=body)
+
+        with ThreadPoolExecutor(2) as pool:  # concurrent: the engine may batch them
+            replies = list(pool.map(post, questions))
+        assert [r.json()["choices"][0]["message"]["content"] for r in replies] == expected
+        events = [
+            line[6:] for line in post(questions[1], True).text.splitlines() if line.startswith("data: ")
+        ]
+        chunks = [
+            json.loads(e)["choices"][0]["delta"].get("content", "")
+            for e in events[:-1]
+            if json.loads(e)["choices"]
+        ]
+        assert "".join(chunks) == expected[1]
