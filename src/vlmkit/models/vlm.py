@@ -89,6 +89,9 @@ class VisionLanguageModel(nn.Module):
             config=config.projector, in_dim=self.vision.hidden_size, out_dim=lm_dim
         )
         self.tiling = self._tile_packer(lm_dim=lm_dim) if config.vision.tiling is not None else None
+        if self.tiling is not None and self.text_conditioned:
+            raise ValueError(f"AnyRes tiling does not combine with the text-conditioned {config.projector.type!r} "
+                             "projector (it packs projected tiles; use a fixed resolution)")  # fmt: skip
 
     def _tile_packer(self, *, lm_dim: int) -> TilePacker:
         anyres = AnyRes.from_vision_config(self.config.vision, patch_size=self.vision.patch_size)
