@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vlmkit.cli.common import CLIError, JsonOption, quiet_libraries, write_json
+from vlmkit.cli.common import CLIError, JsonOption, Quantize, quiet_libraries, write_json
 from vlmkit.cli.schema import flag_message
 from vlmkit.cli.train import STAGE_FIELDS, Stage
 from vlmkit.config import ConfigError
@@ -53,6 +53,10 @@ def plan_command(
     max_tile_tokens: Annotated[
         int | None, typer.Option("--max-tile-tokens", min=1, help="AnyRes: OneVision's token cap in tiles.")
     ] = None,
+    quantize: Annotated[
+        Quantize | None,
+        typer.Option("--quantize", help="QLoRA (lora stage): the base LM's linear layers quantized."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Estimate parameters, gradients, optimizer state, activations and peak memory for one training stage."""
@@ -63,7 +67,8 @@ def plan_command(
     from vlmkit.training.stages import StageConfig
 
     stage_config = StageConfig(stage=stage.value, lora_rank=lora_rank, lora_dropout=lora_dropout,
-                               lora_vision=lora_vision, freeze_vision=freeze_vision)  # fmt: skip
+                               lora_vision=lora_vision, freeze_vision=freeze_vision,
+                               quantize=quantize.value if quantize is not None else None)  # fmt: skip
     try:
         stage_config.validate()
     except ConfigError as exc:
@@ -77,6 +82,6 @@ def plan_command(
     if as_json:
         write_json(plan.to_dict())
         return
-    title = (f"stage {stage.value}, batch {batch} x {length} tokens, {dtype.value}"
+    title = (f"stage {stage.value}{f' ({quantize.value} base)' if quantize else ''}, batch {batch} x {length} tokens, {dtype.value}"
              f"{', grad ckpt' if grad_ckpt else ''}: estimated memory per GPU (GB = 1e9 bytes)")  # fmt: skip
     Console().print(table(plan, title=title))

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmkit.config import ConfigError, setting
+from vlmkit.config import QUANT_METHODS, ConfigError, setting
 
 GROUP_ORDER = ("vision", "vision_lora", "projector", "language", "lora")
 
@@ -48,6 +48,11 @@ class StageConfig:
         doc="Per-group LR scale over the stage default, GROUP=SCALE (repeatable).",
         flag="--lr-scale",
     )
+    quantize: str | None = setting(
+        None,
+        doc="QLoRA (lora stage): quantize the frozen base LM: int8 or int4 on CPU, nf4 or int8 on CUDA.",
+        choices=QUANT_METHODS,
+    )
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -60,6 +65,9 @@ class StageConfig:
             raise ConfigError(
                 "an unfrozen vision tower (freeze_vision false) needs stage 'full'", field="freeze_vision"
             )
+        if self.quantize is not None and (self.stage != "lora" or self.quantize not in QUANT_METHODS):
+            raise ConfigError(f"quantize={self.quantize!r} (QLoRA) needs stage 'lora' and one of {QUANT_METHODS}",
+                              field="quantize")  # fmt: skip
         if self.stage == "lora" and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}", field="lora_rank")
         unknown = set(self.lr_scales) - set(GROUP_ORDER)

@@ -48,6 +48,7 @@ from vlmkit.training.config import (
 )
 from vlmkit.training.feature_cache import FeatureCache, encoder_identity
 from vlmkit.training.objectives import TokenLoss, token_loss_sum, where_loss, where_readout
+from vlmkit.training.qlora import quantize_base
 from vlmkit.training.sampling import BatchLayout, StepSampler, epoch_order, lr_factor
 from vlmkit.training.stages import apply_stage, iter_trainable, param_groups
 
@@ -147,6 +148,8 @@ class Trainer:
         precision = resolve_precision(self.config.precision, cpu=self.config.cpu)
         # pure bf16 casts before LoRA is added, so peft keeps the adapters in fp32
         self.train_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if self.config.stage.quantize is not None:  # QLoRA: a quantized, frozen base LM under the adapters
+            quantize_base(self.model, method=self.config.stage.quantize, device=self.accelerator.device)
         self.model.to(self.train_dtype)
         self.param_groups = apply_stage(self.model, self.config.stage)
         if self.config.grad_ckpt:

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from vlmkit.models.language.protocols import lm_module
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.quantization import is_quantized
+from vlmkit.training.qlora import dequantize_bases, language_lora_config
 
 ADAPTER_DIR = "adapter"
 
@@ -32,8 +34,20 @@ def add_lora(model: VisionLanguageModel, *, rank: int, alpha: int, dropout: floa
     """Wrap the LM (and with ``vision`` the tower) in peft LoRA; base weights are frozen by peft.
 
     peft keeps adapters in fp32 when the base is bf16/fp16 (``autocast_adapter_dtype``), as ``plan`` assumes.
+    A quantized LM gets QLoRA (``qlora.py``): the adapters sit on its quantized layers.
     """
     from peft import get_peft_model
+
+    if is_quantized(model.language_model):
+        lm_config = _lora_config(rank=rank, alpha=alpha, dropout=dropout, task_type="CAUSAL_LM")
+        model.language_model = get_peft_model(
+            model.language_model, language_lora_config(model.language_model, lm_config)
+        )
+        if vision:
+            model.vision.model = get_peft_model(
+                model.vision.model, _lora_config(rank=rank, alpha=alpha, dropout=dropout, task_type=None)
+            )
+        return
 
     model.language_model = get_peft_model(
         lm_module(model.language_model),
@@ -74,8 +88,6 @@ def save_adapters(vlm: Any, *, directory: str | Path) -> Path:
 
 def load_adapters(vlm: Any, *, directory: str | Path, trainable: bool = False) -> Any:
     """Apply adapters saved by ``save_adapters`` to a base ``VLM`` (in place); -> the same VLM."""
-    from peft import PeftModel
-
     source = Path(directory)
     model = vlm.model
     for name, (owner, attr) in {
@@ -86,18 +98,30 @@ def load_adapters(vlm: Any, *, directory: str | Path, trainable: bool = False) -
             setattr(
                 owner,
                 attr,
-                PeftModel.from_pretrained(getattr(owner, attr), source / name, is_trainable=trainable),
+                _from_pretrained(getattr(owner, attr), source / name, trainable=trainable),
             )
     if (source / "projector.safetensors").is_file():
         model.projector.load_state_dict(load_file(str(source / "projector.safetensors")))
     return vlm
 
 
+def _from_pretrained(base: Any, directory: Path, *, trainable: bool) -> Any:
+    """peft's ``PeftModel.from_pretrained``; a quantized base gets the QLoRA layer mapping (``qlora.py``)."""
+    from peft import LoraConfig, PeftModel
+
+    config = language_lora_config(base, LoraConfig.from_pretrained(directory)) if is_quantized(base) else None
+    return PeftModel.from_pretrained(base, directory, is_trainable=trainable, config=config)
+
+
 def merge_lora(vlm: Any) -> Any:
     """Fold LoRA adapters into the base weights in place (LM and tower); -> the same ``VLM``, adapter-free.
 
-    A VLM without adapters is returned unchanged, so ``vlmkit export`` can call it unconditionally.
+    A VLM without adapters is returned unchanged, so ``vlmkit export`` can call it unconditionally. A QLoRA
+    model's quantized base layers are dequantized into the compute dtype first: the merged model is unquantized.
     """
     for owner, attr in _peft_parts(vlm.model).values():
+        dequantize_bases(getattr(owner, attr), dtype=vlm.model.dtype)
         setattr(owner, attr, getattr(owner, attr).merge_and_unload())
+    if vlm.model.config.quantization is not None and not is_quantized(vlm.model):
+        vlm.model.config.quantization = None
     return vlm

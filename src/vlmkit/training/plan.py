@@ -37,6 +37,8 @@ from vlmkit.processing.tiling import AnyRes
 from vlmkit.training.stages import GROUP_ORDER, StageConfig
 
 DTYPES = ("bf16", "bf16-mixed", "fp32")
+# transient bytes per weight of the one layer whose weights a QLoRA backward dequantizes (codes widened, scaled)
+DEQUANT_BYTES = {"int8": 8, "int4": 12, "nf4": 4}
 GB = 1e9
 
 
@@ -254,16 +256,33 @@ def plan_memory(
     trainable = stage.trainable_groups()
     bytes_of = {g: (adapter if "lora" in g else weight) for g in GROUP_ORDER}
     weights = sum((c["trainable"] + c["frozen"]) * bytes_of[g] for g, c in params.items())
+    if stage.quantize is not None:  # QLoRA: the LM's linear layers stored quantized
+        weights -= _quantized_saving(shape, method=stage.quantize, weight=weight)
     gradients = sum(params[g]["trainable"] * bytes_of[g] for g in trainable)
     optimizer = 2 * gradients  # AdamW: exp_avg and exp_avg_sq in the parameter's dtype
     activations = _activation_bytes(shape, stage=stage, tokens=batch * seq, images=batch * images_per_sample,
                                     act=act, residual=weight, ckpt=grad_ckpt)  # fmt: skip
+    if stage.quantize is not None:  # backward dequantizes one layer's weights at a time
+        activations += max(i * o for i, o in shape.lm_layer.linears) * DEQUANT_BYTES[stage.quantize]
     peak = weights + optimizer + max(activations, gradients)
     settings = {"stage": stage.stage, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt, "dtype": dtype,
                 "lora_rank": stage.lora_rank if stage.stage == "lora" else None, "freeze_vision": stage.freeze_vision,
-                "lora_vision": stage.lora_vision}  # fmt: skip
+                "lora_vision": stage.lora_vision, "quantize": stage.quantize}  # fmt: skip
     return MemoryPlan(params=params, weights=weights, gradients=gradients, optimizer=optimizer,
                       activations=activations, peak=peak, settings=settings)  # fmt: skip
+
+
+def _quantized_saving(shape: ModelShape, *, method: str, weight: int) -> int:
+    """Bytes saved by storing the LM's linear layers (its output layer excepted) quantized: int8 is a byte a
+    weight plus a float32 scale a row; int4 half a byte plus two bfloat16 numbers a group of up to 128;
+    bitsandbytes NF4 half a byte plus a double-quantized absmax (8 bits a block of 64, float32 a 256 blocks)."""
+    linears = shape.lm_layer.linears
+    count = shape.lm_layers * sum(i * o for i, o in linears)
+    rows = shape.lm_layers * sum(o for _, o in linears)
+    group = next((g for g in (128, 64, 32) if all(i % g == 0 for i, _ in linears)), 32)
+    stored = {"int8": count + 4 * rows, "int4": count / 2 + 4 * count / group,
+              "nf4": count / 2 + count / 64 + 4 * count / (64 * 256)}[method]  # fmt: skip
+    return int(count * weight - stored)
 
 
 def _param_counts(shape: ModelShape, stage: StageConfig) -> dict[str, dict[str, int]]:
