@@ -140,7 +140,7 @@ def decode_floor(vlm: Any, *, repeats: int = 20) -> dict[str, float]:
     """One token's unavoidable work: every LM weight matrix times one vector (the decode step is bound by
     streaming these weights from memory) with ``F.linear`` and with oneDNN (what vlmkit's lean step uses on models
     this size), and the time to merely read those bytes once (``sum``): the memory-bandwidth floor."""
-    from vlmkit.generation.twins import onednn_available
+    from vlmkit.generation.cpu_llama.twins import onednn_available
 
     lm = vlm.model.language_model
     mats = [p for n, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in n]
@@ -204,7 +204,7 @@ def decode_choice(vlm: Any, hf: Any, spec: lb.Spec, images: list[bytes]) -> dict
 
 def _count_rounds(vlm: Any, question: str, image: bytes, n: int) -> dict[str, Any]:
     """The default's speculative rounds for one cold answer: how many, and draft tokens asked / accepted."""
-    from vlmkit.generation import speculative
+    from vlmkit.generation.cpu_llama import speculative
 
     rounds: list[tuple[int, int]] = []
     original = speculative.speculative_round

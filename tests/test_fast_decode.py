@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tiny import left_padded_embeds as embed
 from tiny import save_language
 from vlmkit.api import VLM
-from vlmkit.generation import DecodeOptions, GenerationConfig, generate, stream
+from vlmkit.generation import DecodeOptions, DecodeResources, GenerationConfig, generate, stream
 from vlmkit.generation.forward import decode_step, prefill
 from vlmkit.generation.kv_cache import new_cache, snapshot_prompt
-from vlmkit.generation.static_cache import DEFAULT_POOL, bucket_length, static_cache_supported
+from vlmkit.generation.static_cache import bucket_length, static_cache_supported
 from vlmkit.processing.processor import Sample
 
 KINDS = ("llama", "qwen2", "gpt2")
@@ -46,10 +46,10 @@ def run(
 ) -> Any:
     lm, tokenizer = model
     embeds, mask = embed(lm, tokenizer, prompts)
-    eos = kwargs.pop("eos", [])
+    eos, resources = kwargs.pop("eos", []), kwargs.pop("resources", None)
     config = GenerationConfig.from_kwargs(**{"max_new_tokens": 16, **kwargs})
     return generate(lm, inputs_embeds=embeds, attention_mask=mask, tokenizer=tokenizer, config=config,
-                    eos_token_ids=eos, options=options)  # fmt: skip
+                    eos_token_ids=eos, options=options, resources=resources)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -83,11 +83,11 @@ def test_syncing_every_few_steps_changes_nothing(models: dict[str, Any], options
 
 def test_static_cache_lengths_are_bucketed_and_pooled(models: dict[str, Any]) -> None:
     assert (bucket_length(1), bucket_length(256), bucket_length(257)) == (256, 256, 512)
-    DEFAULT_POOL.clear()
-    run(models["llama"], PROMPTS, STATIC)
-    run(models["llama"], PROMPTS[:2], STATIC)  # another batch size: another cache
-    run(models["llama"], PROMPTS, STATIC)
-    assert len(DEFAULT_POOL._idle) == 2
+    resources = DecodeResources()
+    run(models["llama"], PROMPTS, STATIC, resources=resources)
+    run(models["llama"], PROMPTS[:2], STATIC, resources=resources)  # another batch size: another cache
+    run(models["llama"], PROMPTS, STATIC, resources=resources)
+    assert len(resources.pool._idle) == 2
 
 
 @pytest.mark.parametrize("options", [None, STATIC])
@@ -200,8 +200,8 @@ def test_lean_decode_step_is_bitwise_the_models_own(shape: dict[str, Any]) -> No
     included; padding, another architecture or a hooked layer keep the model's own path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from vlmkit.generation.cpu_llama.lean_step import lean_decode_step, lean_step_model, plain_dynamic_cache
     from vlmkit.generation.forward import decode_step
-    from vlmkit.generation.lean_step import lean_decode_step, lean_step_model, plain_dynamic_cache
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -235,8 +235,8 @@ def test_lean_step_appends_in_place_but_never_into_tensors_it_did_not_make() -> 
     prefill's tensors (which the prefix cache keeps) stay untouched, through crops (speculative rounds) too."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from vlmkit.generation.cpu_llama.lean_step import lean_decode_step
     from vlmkit.generation.kv_cache import snapshot_prompt
-    from vlmkit.generation.lean_step import lean_decode_step
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiny import NumberTokenizer, sharp_llama
-from vlmkit.generation import DecodeOptions, GenerationConfig, generate, greedy_head, twins
-from vlmkit.generation.greedy_head import ScreenedHead, screened_head
+from vlmkit.generation import DecodeOptions, GenerationConfig, generate
+from vlmkit.generation.cpu_llama import greedy_head, twins
+from vlmkit.generation.cpu_llama.greedy_head import ScreenedHead, screened_head
 
 needs_fbgemm = pytest.mark.skipif(not twins.fbgemm_available(), reason="this torch build has no fbgemm")
+CACHE = twins.TwinCache()  # what a VLM's DecodeResources hold
 pytestmark = [needs_fbgemm, pytest.mark.usefixtures("one_thread")]
 
 
@@ -75,21 +77,21 @@ def test_too_many_candidates_fall_back_to_the_float32_layer(monkeypatch) -> None
 def test_only_large_float32_cpu_heads_in_float16_range_are_screened(monkeypatch) -> None:
     small = nn.Module()
     small.lm_head = _head(vocab=64)
-    assert screened_head(small) is None  # below SCREEN_MIN_BYTES
+    assert screened_head(small, twins=CACHE) is None  # below SCREEN_MIN_BYTES
     monkeypatch.setattr(greedy_head, "SCREEN_MIN_BYTES", 0)
     model = nn.Module()
     model.lm_head = _head()
-    screen = screened_head(model)
-    assert screen is not None and screened_head(model) is screen  # cached
+    screen = screened_head(model, twins=CACHE)
+    assert screen is not None and screened_head(model, twins=CACHE) is screen  # cached
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # an in-place update: a new screen from the new weights
-    assert screened_head(model) is not screen
+    assert screened_head(model, twins=CACHE) is not screen
     for change in (lambda h: h.half(), lambda h: h.weight.data.__setitem__((0, 0), 1e6)):
         other = nn.Module()
         other.lm_head = _head()
         change(other.lm_head)
-        assert screened_head(other) is None  # float16 weights, or a weight float16 cannot hold
-    assert screened_head(nn.Module()) is None  # no lm_head at all
+        assert screened_head(other, twins=CACHE) is None  # float16 weights, or a weight float16 cannot hold
+    assert screened_head(nn.Module(), twins=CACHE) is None  # no lm_head at all
 
 
 @pytest.fixture
@@ -151,11 +153,11 @@ def test_sampling_and_penalties_never_use_the_screen(lm, monkeypatch) -> None:
 
 
 def test_cached_screens_and_drafts_do_not_keep_a_model_alive(monkeypatch) -> None:
-    from vlmkit.generation.draft import float16_draft
+    from vlmkit.generation.cpu_llama.draft import float16_draft
 
     monkeypatch.setattr(greedy_head, "SCREEN_MIN_BYTES", 0)
     lm = sharp_llama(vocab_size=3000)
-    assert screened_head(lm) is not None and float16_draft(lm) is not None
+    assert screened_head(lm, twins=CACHE) is not None and float16_draft(lm, twins=CACHE) is not None
     model, head = weakref.ref(lm), weakref.ref(lm.lm_head)
     del lm
     gc.collect()

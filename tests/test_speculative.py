@@ -11,12 +11,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tiny import left_padded_embeds as embed
 from tiny import save_tokenizer
-from vlmkit.generation import DecodeOptions, GenerationConfig, decode, generate, speculative, stream, twins
-from vlmkit.generation import draft as draft_module
-from vlmkit.generation.draft import Float16Draft, float16_draft
+from vlmkit.generation import DecodeOptions, GenerationConfig, backend, generate, stream
+from vlmkit.generation.cpu_llama import draft as draft_module
+from vlmkit.generation.cpu_llama import speculative, twins
+from vlmkit.generation.cpu_llama.draft import Float16Draft, float16_draft
+from vlmkit.generation.cpu_llama.lean_step import lean_hidden
+from vlmkit.generation.cpu_llama.speculative import DraftLength, speculative_round
 from vlmkit.generation.kv_cache import cache_kwarg, new_cache
-from vlmkit.generation.lean_step import lean_hidden
-from vlmkit.generation.speculative import DraftLength, speculative_round
 
 SPECULATIVE = DecodeOptions(speculative=4)
 PROMPTS = ("What colour is the circle?", "USER: Describe the image. ASSISTANT:", "yes")
@@ -81,7 +82,7 @@ def test_speculative_greedy_equals_plain_greedy(
 
     monkeypatch.setattr(speculative, "speculative_round", counted)
     if which == "noisy":
-        monkeypatch.setattr(decode, "float16_draft", _noisy)
+        monkeypatch.setattr(backend, "float16_draft", lambda lm, twins: _noisy(lm))
     plain = _generate(llama, prompt, None)
     assert _generate(llama, prompt, DecodeOptions(speculative=draft_tokens)) == plain
     # the speculative loop really ran and decided every token after the prefill's
@@ -198,8 +199,9 @@ def test_the_float16_draft_proposes_what_the_model_would(llama) -> None:
     lm, tokenizer = llama
     cache_a, token, length = _prefilled(lm, tokenizer)
     cache_b = copy.deepcopy(cache_a)
-    draft = float16_draft(lm)
-    assert draft is not None and float16_draft(lm) is draft  # cached
+    cache = twins.TwinCache()
+    draft = float16_draft(lm, twins=cache)
+    assert draft is not None and float16_draft(lm, twins=cache) is draft  # cached
     proposals = draft.propose(token=token, position=length, count=6, cache=cache_a, stop=frozenset())
     assert proposals == _Exact(lm).propose(
         token=token, position=length, count=6, cache=cache_b, stop=frozenset()
@@ -219,7 +221,7 @@ def test_weights_beyond_float16_get_no_draft(llama) -> None:
     lm = copy.deepcopy(llama[0])
     with torch.no_grad():
         lm.model.layers[1].mlp.up_proj.weight[0, 0] = 1e6
-    assert float16_draft(lm) is None
+    assert float16_draft(lm, twins=twins.TwinCache()) is None
 
 
 def test_draft_length_grows_shrinks_and_gives_up_on_a_poor_draft() -> None:
@@ -246,7 +248,7 @@ def test_a_poor_draft_falls_back_to_plain_passes_and_the_answer_holds(llama, mon
         return speculative_round(*args, **kwargs)
 
     monkeypatch.setattr(speculative, "speculative_round", counted)
-    monkeypatch.setattr(decode, "float16_draft", lambda lm: _noisy(lm, scale=3.0))
+    monkeypatch.setattr(backend, "float16_draft", lambda lm, twins: _noisy(lm, scale=3.0))
     plain = _generate(llama, PROMPTS[0], None)
     assert _generate(llama, PROMPTS[0], DecodeOptions(speculative=4)) == plain
     assert 0 in rounds and rounds[-1] == 0  # gave up drafting
@@ -261,7 +263,7 @@ def test_auto_speculation_only_for_greedy_batch1_requests_on_big_lms(llama, monk
     monkeypatch.setattr(twins, "ONEDNN_MIN_BYTES", 0)  # now "too big for the caches"
     if twins.onednn_available():
         assert _generate(llama, PROMPTS[0], DecodeOptions()) == plain
-        assert calls and calls[0] == decode.AUTO_DRAFT_TOKENS
+        assert calls and calls[0] == backend.AUTO_DRAFT_TOKENS
     calls.clear()
     _generate(llama, PROMPTS[0], DecodeOptions(), temperature=0.7, seed=1)
     assert not calls

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from tiny import NumberTokenizer, sharp_llama
-from vlmkit.generation import DecodeOptions, GenerationConfig, generate, runner, twins
+from vlmkit.generation import DecodeOptions, GenerationConfig, generate, runner
+from vlmkit.generation.cpu_llama import twins
+from vlmkit.generation.cpu_llama.lean_step import lean_hidden
+from vlmkit.generation.cpu_llama.twins import OneDnnLinear, TwinCache, onednn_available, onednn_twin
 from vlmkit.generation.kv_cache import cache_kwarg, new_cache
-from vlmkit.generation.lean_step import lean_hidden
-from vlmkit.generation.twins import OneDnnLinear, onednn_available, onednn_twin
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+CACHE = TwinCache()  # what a VLM's DecodeResources hold
 
 
 @pytest.fixture
@@ -38,20 +40,20 @@ def any_size(monkeypatch) -> None:
 
 @needs_onednn
 def test_onednn_twin_shares_weights_and_leaves_the_model_alone(lm, any_size) -> None:
-    twin = onednn_twin(lm)
-    assert twin is not None and onednn_twin(lm) is twin  # cached
+    twin = onednn_twin(lm, twins=CACHE)
+    assert twin is not None and onednn_twin(lm, twins=CACHE) is twin  # cached
     assert type(twin.model.layers[0].mlp.up_proj) is OneDnnLinear and type(twin.lm_head) is OneDnnLinear
     assert twin.model.layers[0].mlp.up_proj.weight is lm.model.layers[0].mlp.up_proj.weight
     assert type(lm.model.layers[0].mlp.up_proj) is torch.nn.Linear
     with torch.no_grad():
         lm.model.layers[1].self_attn.q_proj.weight.mul_(0.5)  # an in-place update: a fresh twin
-    assert onednn_twin(lm) is not twin
+    assert onednn_twin(lm, twins=CACHE) is not twin
 
 
 @needs_onednn
 @torch.no_grad()
 def test_onednn_decode_step_is_the_models_maths(lm, any_size) -> None:
-    twin = onednn_twin(lm)
+    twin = onednn_twin(lm, twins=CACHE)
     embeds = torch.randn(1, 9, 64)
     caches = new_cache(lm), new_cache(lm)
     for cache in caches:
@@ -67,39 +69,43 @@ def test_onednn_decode_step_is_the_models_maths(lm, any_size) -> None:
 
 
 @needs_onednn
-def test_greedy_answers_are_the_same_with_and_without_onednn(lm, any_size, monkeypatch) -> None:
+def test_greedy_answers_are_the_same_with_and_without_onednn(lm, any_size) -> None:
     fast = [_greedy(lm, seed=seed) for seed in range(4)]
-    assert onednn_twin(lm) is not None
-    monkeypatch.setattr(runner, "onednn_twin", lambda model: None)
-    assert [_greedy(lm, seed=seed) for seed in range(4)] == fast
+    assert onednn_twin(lm, twins=CACHE) is not None
+    for backend in ("lean-linear", "lean-onednn"):
+        assert [_greedy(lm, seed=seed, options=DecodeOptions(backend=backend)) for seed in range(4)] == fast
     assert len({tuple(answer) for answer in fast}) == 4  # four different answers, not one repeated token
 
 
 def test_small_models_keep_f_linear(lm) -> None:
-    assert onednn_twin(lm) is None  # 0.3 MB of matrices: framework overhead, not bandwidth, bounds its step
+    # 0.3 MB of matrices: framework overhead, not bandwidth, bounds its step
+    assert onednn_twin(lm, twins=CACHE) is None
     assert _greedy(lm, seed=0)
 
 
 @needs_onednn
 def test_gemm_twin_only_for_many_rows_without_gradients_in_float32(lm) -> None:
     with torch.no_grad():
-        assert twins.onednn_gemm_twin(lm, rows=twins.ONEDNN_GEMM_MIN_ROWS - 1) is None  # a GEMV-like pass
-        twin = twins.onednn_gemm_twin(lm, rows=twins.ONEDNN_GEMM_MIN_ROWS)
+        few = twins.ONEDNN_GEMM_MIN_ROWS - 1
+        assert twins.onednn_gemm_twin(lm, rows=few, twins=CACHE) is None  # a GEMV-like pass
+        twin = twins.onednn_gemm_twin(lm, rows=twins.ONEDNN_GEMM_MIN_ROWS, twins=CACHE)
         assert twin is not None and type(twin.model.layers[0].self_attn.q_proj) is OneDnnLinear
         assert twin.model.layers[0].self_attn.q_proj.weight is lm.model.layers[0].self_attn.q_proj.weight
         lm.train()
-        assert twins.onednn_gemm_twin(lm, rows=64) is None  # training: dropout and friends stay the model's
+        # training: dropout and friends stay the model's
+        assert twins.onednn_gemm_twin(lm, rows=64, twins=CACHE) is None
         lm.eval()
-    assert twins.onednn_gemm_twin(lm, rows=64) is None  # gradients wanted: oneDNN's kernel has no backward
+    # gradients wanted: oneDNN's kernel has no backward
+    assert twins.onednn_gemm_twin(lm, rows=64, twins=CACHE) is None
     with torch.no_grad():
-        assert twins.onednn_gemm_twin(lm.to(torch.bfloat16), rows=64) is None
+        assert twins.onednn_gemm_twin(lm.to(torch.bfloat16), rows=64, twins=CACHE) is None
 
 
 @needs_onednn
 @torch.no_grad()
 def test_gemm_twin_prefill_is_the_models_maths(lm) -> None:
     embeds = torch.randn(2, 40, 64)
-    twin = twins.onednn_gemm_twin(lm, rows=80)
+    twin = twins.onednn_gemm_twin(lm, rows=80, twins=CACHE)
     caches = new_cache(lm), new_cache(lm)
     ours = twin(inputs_embeds=embeds, use_cache=True, **{cache_kwarg(lm): caches[0]}).logits
     theirs = lm(inputs_embeds=embeds, use_cache=True, **{cache_kwarg(lm): caches[1]}).logits
@@ -118,10 +124,14 @@ def test_greedy_answers_are_the_same_with_and_without_the_gemm_prefill(lm, monke
 
     calls = []
     real = runner.onednn_gemm_twin
-    monkeypatch.setattr(runner, "onednn_gemm_twin", lambda m, rows: calls.append(rows) or real(m, rows=rows))
+    monkeypatch.setattr(
+        runner,
+        "onednn_gemm_twin",
+        lambda m, rows, twins: calls.append(rows) or real(m, rows=rows, twins=twins),
+    )
     fast = [long_prompt(seed) for seed in range(4)]
     assert calls == [48] * 4
-    monkeypatch.setattr(runner, "onednn_gemm_twin", lambda m, rows: None)
+    monkeypatch.setattr(runner, "onednn_gemm_twin", lambda m, rows, twins: None)
     assert [long_prompt(seed) for seed in range(4)] == fast
 
 
@@ -129,7 +139,7 @@ def test_greedy_answers_are_the_same_with_and_without_the_gemm_prefill(lm, monke
 @torch.no_grad()
 def test_gemm_twin_encodes_images_as_the_model_does(tiny_vlm) -> None:
     pixels = torch.randn(4, 3, 32, 32)
-    twin = twins.onednn_gemm_twin(tiny_vlm.model, rows=4 * tiny_vlm.model.vision.num_tokens)
+    twin = twins.onednn_gemm_twin(tiny_vlm.model, rows=4 * tiny_vlm.model.vision.num_tokens, twins=CACHE)
     assert twin is not None and twin.vision.model is not tiny_vlm.model.vision.model
     torch.testing.assert_close(
         twin.encode_images(pixels), tiny_vlm.model.encode_images(pixels), rtol=1e-5, atol=1e-5

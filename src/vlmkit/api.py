@@ -32,9 +32,9 @@ from vlmkit.config import (
     VLMConfig,
 )
 from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult, PromptKV, generate, stream
+from vlmkit.generation.backend import DecodeResources, decide
+from vlmkit.generation.cpu_llama.twins import onednn_gemm_twin
 from vlmkit.generation.kv_cache import new_cache, plain_layers
-from vlmkit.generation.static_cache import DEFAULT_POOL
-from vlmkit.generation.twins import onednn_gemm_twin
 from vlmkit.models.budget import check_fits, config_parts, element_bytes
 from vlmkit.models.io import (
     ModelDirError,
@@ -143,6 +143,8 @@ class VLM:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # this model's static-cache pool and weight twins (oneDNN, float16 screen and draft)
+        self.decode_resources = DecodeResources()
         self.processor = VLMProcessor(
             tokenizer=tokenizer,
             image_processor=ImageProcessor.from_vision_config(model.config.vision),
@@ -218,7 +220,7 @@ class VLM:
         self.feature_cache.clear()
         self.prefix_cache.clear()
         if static_kv:
-            DEFAULT_POOL.clear()
+            self.decode_resources.pool.clear()
 
     def _decode_options(self, *, batch: int) -> DecodeOptions:
         sync = self._sync_every or (
@@ -432,7 +434,8 @@ class VLM:
         prepared = self._prepare([sample], config=config)
         return stream(self.model.language_model, inputs_embeds=prepared.embeds, attention_mask=prepared.mask,
                       tokenizer=tokenizer or self.tokenizer, config=config, options=self._decode_options(batch=1),
-                      past=prepared.past, on_prefill=prepared.on_prefill)  # fmt: skip
+                      past=prepared.past, on_prefill=prepared.on_prefill,
+                      resources=self.decode_resources)  # fmt: skip
 
     def chat(self, messages: list[dict[str, Any]], **generation: Any) -> str:
         """OpenAI-style messages (text, ``image_url`` data URLs, ``image`` parts) -> the assistant's reply."""
@@ -444,7 +447,8 @@ class VLM:
         prepared = self._prepare(samples, config=config)
         return generate(self.model.language_model, inputs_embeds=prepared.embeds, attention_mask=prepared.mask,
                         tokenizer=self.tokenizer, config=config, options=self._decode_options(batch=len(samples)),
-                        past=prepared.past, on_prefill=prepared.on_prefill)  # fmt: skip
+                        past=prepared.past, on_prefill=prepared.on_prefill,
+                        resources=self.decode_resources)  # fmt: skip
 
     def _prefill_inputs(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> inputs_embeds [batch, seq, dim] with images spliced in, attention_mask [batch, seq] (left padded).
@@ -575,7 +579,7 @@ class VLM:
         together = self.encode_mode == "parallel" or pixels.shape[0] == 1
         rows = self.model.vision.num_tokens * (pixels.shape[0] if together else 1)
         # float32 on CPU: the same maths through oneDNN's faster GEMM (generation/twins.py)
-        model = onednn_gemm_twin(self.model, rows=rows) or self.model
+        model = onednn_gemm_twin(self.model, rows=rows, twins=self.decode_resources.twins) or self.model
         if together:
             return model.encode_images(pixels)
         return torch.cat([model.encode_images(pixels[i : i + 1]) for i in range(pixels.shape[0])])
@@ -614,7 +618,16 @@ class VLM:
             "parameters": counts | {"total": sum(counts.values())},
             "bytes": _part_bytes(m),
             "quantization": dataclasses.asdict(q) if (q := self.config.quantization) is not None else None,
+            "decode": dict(zip(("backend", "reason"), self.decode_backend(), strict=True)),
         }
+
+    def decode_backend(self, *, batch: int = 1, **generation: Any) -> tuple[str, str]:
+        """The decode backend a request of ``batch`` unpadded prompts runs on with the current options, and why
+        (``generation.backend.select_backend``'s rule; ``generation``: the request's keyword arguments)."""
+        mask = torch.ones(batch, 1, dtype=torch.long, device=self.model.device)
+        decision = decide(self.model.language_model, attention_mask=mask, options=self._decode_options(batch=batch),
+                          config=GenerationConfig.from_kwargs(**generation))  # fmt: skip
+        return decision.name, decision.reason
 
 
 def _tiling_for(resolution: str, tiling: TilingConfig | dict[str, Any] | None) -> TilingConfig | None:

@@ -72,4 +72,5 @@ def _print_table(data: dict[str, Any]) -> None:
         table.add_row(f"bytes: {part}", f"{size:,}")
     if data.get("quantization"):
         table.add_row("quantization", data["quantization"]["scheme"])
+    table.add_row("decode", "{backend} ({reason})".format(**data["decode"]))  # batch 1, greedy
     Console(highlight=False).print(table)

@@ -4,7 +4,7 @@ Scores are summed log-probabilities; a finished hypothesis is ranked by ``score 
 (``length_penalty=1.0``, eos counted). Each step keeps ``max(2, 1 + n_eos) * num_beams`` candidates so that
 ``num_beams`` unfinished ones remain; search ends when no running beam can beat the worst kept hypothesis
 (``early_stopping=False`` heuristic), when every candidate finished, or at ``max_new_tokens``. The prompt is
-prefilled once per row and the cache rows are then repeated to beams.
+prefilled once per row and the cache rows are then repeated to beams (``runner.BeamRunner``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import Any
 import torch
 
 from vlmkit.generation.config import GenerationConfig
-from vlmkit.generation.forward import decode_step, prefill
-from vlmkit.generation.kv_cache import new_cache, reorder_cache
 from vlmkit.generation.sampling import apply_repetition_penalty
 from vlmkit.generation.stopping import RowState, StopStrings
 
@@ -179,10 +177,9 @@ def _best_rows(state: _Beams, *, eos_token_ids: Sequence[int], stops: StopString
 
 @torch.no_grad()
 def beam_search(
-    lm: Any,
+    backend: Any,
     *,
     inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
     config: GenerationConfig,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
@@ -190,17 +187,15 @@ def beam_search(
 ) -> list[RowState]:
     """Beam search for a left-padded batch; returns the best hypothesis per row.
 
+    backend         # ``runner.BeamRunner`` over the request's attention_mask [B, seq]
     inputs_embeds   # [B, seq, dim]
-    attention_mask  # [B, seq]
     """
     batch, beams = inputs_embeds.shape[0], config.num_beams
-    cache = new_cache(lm)
-    logits = prefill(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
+    logits = backend.prefill(inputs_embeds)
     device = logits.device
     expand = torch.arange(batch, device=device).repeat_interleave(beams)  # [B * K]: row of each beam
-    reorder_cache(cache, expand)
-    logits, mask = logits[expand], attention_mask[expand.to(attention_mask.device)]
-    positions = mask.long().sum(-1, keepdim=True)  # [B * K, 1]
+    backend.expand(expand)
+    logits = logits[expand]
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     state = _init_beams(
         batch=batch, beams=beams, max_new=config.max_new_tokens, pad=pad_token_id, device=device
@@ -209,11 +204,6 @@ def beam_search(
         order, go_on = _beam_step(state, logits=logits, step=step, config=config, eos=eos, stops=stops)
         if step == config.max_new_tokens - 1 or not bool(go_on):  # the one sync per step
             break
-        reorder_cache(cache, order)
-        mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=-1)
-        input_ids = state.running_tokens[:, :, step].reshape(-1, 1)  # [B * K, 1]
-        logits = decode_step(
-            lm, input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache
-        )
-        positions = positions + 1
+        backend.reorder(order)
+        logits = backend.step(state.running_tokens[:, :, step].reshape(-1))  # [B * K] tokens
     return _best_rows(state, eos_token_ids=eos_token_ids, stops=stops)

@@ -23,6 +23,18 @@ MIN_PENALTY, MAX_PENALTY = 1e-3, 1e3
 # token counts and k beyond int64 overflow torch's index arithmetic
 MAX_INT = 2**63 - 1
 
+# the decode backends ``backend.select_backend`` chooses from (docs/inference.md has the table)
+BACKENDS = (
+    "beam",
+    "static",
+    "compiled",
+    "dynamic",
+    "lean-linear",
+    "lean-onednn",
+    "screened-head",
+    "speculative",
+)
+
 
 @dataclass
 class GenerationConfig:
@@ -171,13 +183,15 @@ class DecodeOptions:
     in one pass (``speculative.py``): greedy batch-1 requests on a float32 Llama on CPU with the dynamic cache;
     anything else decodes as usual. 0 = off; ``None`` (default) = on, up to ``decode.AUTO_DRAFT_TOKENS``, where
     the LM's matrices are too big for the CPU caches (a step then streams its weights, and the draft streams half
-    the bytes), off for smaller LMs.
+    the bytes), off for smaller LMs. ``backend`` forces one of ``BACKENDS`` (tests, benchmarks; ``None``: chosen
+    per request by ``backend.select_backend``, see docs/inference.md); one the request cannot run is a ValueError.
     """
 
     static_cache: bool = False
     compile: bool | dict[str, Any] = False
     sync_every: int = 1
     speculative: int | None = None
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.sync_every) or self.sync_every < 1:
@@ -188,6 +202,10 @@ class DecodeOptions:
             raise ValueError(
                 f"speculative must be None (auto) or an int in [0, 16] (draft tokens per round), "
                 f"got {self.speculative!r}"
+            )
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be None (auto) or one of {', '.join(BACKENDS)}, got {self.backend!r}"
             )
         if not isinstance(self.compile, bool | dict):
             raise ValueError(

@@ -2,8 +2,9 @@
 
 Generation does not care where the embeddings came from (text only, or with image features spliced in): the
 prompt is prefilled from ``inputs_embeds`` and each decode step feeds the new token ids. Prefill, the decode
-step and token selection are separate: ``runner.py`` runs the model over a dynamic or a static (optionally
-compiled) cache, this module picks tokens. Host syncs (a ``.tolist()`` of the new tokens and finished flags) happen
+step and token selection are separate: a decode backend (``backend.select_backend`` picks one per request:
+``runner.py``'s dynamic, static, compiled and beam ones, ``cpu_llama/``'s lean CPU ones) runs the model, this
+module picks tokens. Host syncs (a ``.tolist()`` of the new tokens and finished flags) happen
 every ``DecodeOptions.sync_every`` steps (1 by default and always when streaming); rows that finish keep running on
 the pad id until the whole batch is done.
 """
@@ -16,15 +17,13 @@ from typing import Any
 
 import torch
 
+from vlmkit.generation.backend import DecodeBackend, DecodeResources, Speculator, select_backend
 from vlmkit.generation.beam import beam_search
 from vlmkit.generation.config import DecodeOptions, GenerationConfig, GenerationResult
-from vlmkit.generation.draft import affordable as draft_affordable
-from vlmkit.generation.draft import float16_draft
 from vlmkit.generation.forward import check_inputs
 from vlmkit.generation.kv_cache import PromptKV
-from vlmkit.generation.runner import DynamicRunner, make_runner
+from vlmkit.generation.runner import BeamRunner
 from vlmkit.generation.sampling import make_generator, mark_seen, new_seen_mask, select_next_tokens
-from vlmkit.generation.speculative import speculative_steps
 from vlmkit.generation.stopping import (
     RowState,
     StopStrings,
@@ -32,11 +31,6 @@ from vlmkit.generation.stopping import (
     resolve_eos_token_ids,
     resolve_pad_token_id,
 )
-from vlmkit.quantization import is_quantized
-
-# draft tokens per round when ``DecodeOptions.speculative`` is None (auto): a float16 draft agrees with its model
-# on nearly every token, so long rounds pay (CPU benchmark: 15.5 of 16 proposals accepted per round)
-AUTO_DRAFT_TOKENS = 16
 
 
 @torch.no_grad()
@@ -50,53 +44,39 @@ def _token_steps(
     pad_token_id: int,
     stops: StopStrings,
     options: DecodeOptions,
+    resources: DecodeResources | None,
     past: PromptKV | None = None,
     on_prefill: Callable[[PromptKV], None] | None = None,
 ) -> Iterator[list[RowState]]:
-    """Greedy / sampling loop; yields the (mutated) row records after every host sync, the last time with all done.
+    """The decode loop over the backend ``select_backend`` picks: yields the (mutated) row records after every host
+    sync (a speculative round, the whole beam search), the last time with all done.
 
     inputs_embeds   # [batch, seq - past.length, dim]
     attention_mask  # [batch, seq]
     """
-    batch = inputs_embeds.shape[0]
-    runner = make_runner(lm, attention_mask=attention_mask, past=past, max_new_tokens=config.max_new_tokens,
-                         options=options, dtype=inputs_embeds.dtype)  # fmt: skip
+    backend, _ = select_backend(lm, attention_mask=attention_mask, config=config, options=options,
+                                resources=resources, past=past, dtype=inputs_embeds.dtype)  # fmt: skip
     try:
-        logits = runner.prefill(inputs_embeds)
-        if on_prefill is not None:
-            on_prefill(runner.prompt_kv())
-        draft_tokens = _draft_tokens(runner, config=config, options=options, batch=batch)
-        draft = float16_draft(runner.lean) if draft_tokens else None
-        if draft is not None:
-            yield from speculative_steps(runner.fast, draft, logits=logits, position=attention_mask.shape[1],
-                                         cache=runner.cache, max_new_tokens=config.max_new_tokens,
-                                         draft_tokens=draft_tokens, eos_token_ids=eos_token_ids,
-                                         stops=stops, head=runner.greedy_head())  # fmt: skip
+        if isinstance(backend, BeamRunner):
+            yield beam_search(backend, inputs_embeds=inputs_embeds, config=config, eos_token_ids=eos_token_ids,
+                              pad_token_id=pad_token_id, stops=stops)  # fmt: skip
             return
-        yield from _select_loop(runner, logits=logits, batch=batch, config=config, eos_token_ids=eos_token_ids,
-                                pad_token_id=pad_token_id, stops=stops, sync_every=options.sync_every)  # fmt: skip
+        logits = backend.prefill(inputs_embeds)
+        if on_prefill is not None:
+            on_prefill(backend.prompt_kv())
+        if isinstance(backend, Speculator):  # several greedy tokens per pass
+            yield from backend.rounds(logits, max_new_tokens=config.max_new_tokens, eos_token_ids=eos_token_ids,
+                                      stops=stops)  # fmt: skip
+            return
+        yield from _select_loop(backend, logits=logits, batch=inputs_embeds.shape[0], config=config,
+                                eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, stops=stops,
+                                sync_every=options.sync_every)  # fmt: skip
     finally:
-        runner.close()
-
-
-def _draft_tokens(
-    runner: DynamicRunner, *, config: GenerationConfig, options: DecodeOptions, batch: int
-) -> int:
-    """Draft tokens per round for this request (0: decode plainly; see ``DecodeOptions.speculative``)."""
-    lean = getattr(runner, "lean", None)  # a plain float32 Llama on CPU, unpadded, over a plain dynamic cache
-    if lean is None or batch != 1 or config.do_sample or config.repetition_penalty != 1:
-        return 0
-    if is_quantized(lean):  # its float16 draft would stream more bytes than the quantized model itself
-        return 0
-    if options.speculative is not None:
-        return options.speculative
-    # auto: where a step streams weights too big for the CPU caches (the oneDNN twin's threshold), if the draft's
-    # memory is affordable
-    return AUTO_DRAFT_TOKENS if runner.fast is not lean and draft_affordable(lean) else 0
+        backend.close()
 
 
 def _select_loop(
-    runner: DynamicRunner,
+    backend: DecodeBackend,
     *,
     logits: torch.Tensor,
     batch: int,
@@ -118,8 +98,8 @@ def _select_loop(
         if config.repetition_penalty != 1
         else None
     )
-    # plain greedy needs only the argmax: a large output layer is screened first (greedy_head.py)
-    head = runner.greedy_head() if not config.do_sample and seen is None else None
+    # plain greedy needs only the argmax: the backend may get it without the whole output layer (screened head)
+    greedy = not config.do_sample and seen is None
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [batch]
     rows = [RowState() for _ in range(batch)]
@@ -141,11 +121,11 @@ def _select_loop(
             yield rows
             if all(row.done for row in rows):
                 return
-        if head is not None:
-            tokens = runner.greedy_step(tokens, head=head)
+        if greedy:
+            tokens = backend.greedy_step(tokens)
             continue
         seen = mark_seen(seen, tokens=tokens) if seen is not None else None
-        logits = runner.step(tokens)
+        logits = backend.step(tokens)
         tokens = select_next_tokens(logits, config=config, seen=seen, generator=generator)
 
 
@@ -188,6 +168,7 @@ def generate(
     options: DecodeOptions | None = None,
     past: PromptKV | None = None,
     on_prefill: Callable[[PromptKV], None] | None = None,
+    resources: DecodeResources | None = None,
 ) -> GenerationResult:
     """Generate continuations for a left-padded batch of prompt embeddings.
 
@@ -197,17 +178,15 @@ def generate(
     stop on eos. Greedy when ``config.temperature == 0``, sampling otherwise, beam search when ``num_beams > 1``.
     ``options`` picks the cache / compiled step / sync interval (greedy output is the same for all); ``past`` is the
     KV of the prompt's first positions (batch 1), ``on_prefill`` receives the whole prompt's KV after prefill.
-    Beam search always runs eagerly on a dynamic cache.
+    Beam search always runs eagerly on a dynamic cache. ``resources`` keep static caches and weight twins between
+    calls (``VLM`` passes its own; without, each call builds what it needs).
     """
     eos, pad, stops = _prepare(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, tokenizer=tokenizer,
                                config=config, eos_token_ids=eos_token_ids, past=past)  # fmt: skip
-    run = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config)
-    if config.num_beams > 1:
-        rows = beam_search(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops)
-    else:
-        steps = _token_steps(lm, **run, eos_token_ids=eos, pad_token_id=pad, stops=stops,
-                             options=options or DecodeOptions(), past=past, on_prefill=on_prefill)  # fmt: skip
-        *_, rows = steps  # the last yield has every row done
+    steps = _token_steps(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config,
+                         eos_token_ids=eos, pad_token_id=pad, stops=stops, options=options or DecodeOptions(),
+                         resources=resources, past=past, on_prefill=on_prefill)  # fmt: skip
+    *_, rows = steps  # the last yield has every row done
     texts = [stops.cut(stops.decode(row.token_ids)) for row in rows]
     return GenerationResult(
         token_ids=[list(row.token_ids) for row in rows],
@@ -227,6 +206,7 @@ def stream(
     options: DecodeOptions | None = None,
     past: PromptKV | None = None,
     on_prefill: Callable[[PromptKV], None] | None = None,
+    resources: DecodeResources | None = None,
 ) -> Iterator[str]:
     """Yield text deltas for one prompt as tokens arrive; ``"".join`` equals ``generate(...).texts[0]``.
 
@@ -235,7 +215,7 @@ def stream(
     Never yields half a UTF-8 character nor text that may still become a stop string. Beams -> ValueError.
     ``options.sync_every`` is ignored: a stream reads every token back as soon as it exists.
     """
-    if config.num_beams > 1:
+    if config.num_beams > 1 or (options is not None and options.backend == "beam"):
         raise ValueError(
             f"num_beams={config.num_beams}: stream supports greedy or sampling only (num_beams=1)"
         )
@@ -245,8 +225,8 @@ def stream(
                                config=config, eos_token_ids=eos_token_ids, past=past)  # fmt: skip
     options = dataclasses.replace(options or DecodeOptions(), sync_every=1)
     steps = _token_steps(lm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config,
-                         eos_token_ids=eos, pad_token_id=pad, stops=stops, options=options, past=past,
-                         on_prefill=on_prefill)  # fmt: skip
+                         eos_token_ids=eos, pad_token_id=pad, stops=stops, options=options, resources=resources,
+                         past=past, on_prefill=on_prefill)  # fmt: skip
     return _text_deltas(steps, stops=stops)
 
 

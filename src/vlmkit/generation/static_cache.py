@@ -6,7 +6,8 @@ so the decode step has fixed shapes and fixed tensor addresses: what CUDA graphs
 need. As in gpt-fast only the one-token decode step is compiled; prefill stays eager (its length varies).
 
 Caches are pooled per (model, batch, length bucket, dtype, device) so a second request reuses the buffers (and,
-on GPU, the recorded graphs) instead of allocating again. A cache is taken out of the pool while a generation
+on GPU, the recorded graphs) instead of allocating again; the pool belongs to the model's owner
+(``backend.DecodeResources``, one per ``VLM``). A cache is taken out of the pool while a generation
 uses it, so concurrent generations never share one.
 """
 
@@ -87,9 +88,6 @@ class StaticCachePool:
     def clear(self) -> None:
         with self._lock:
             self._idle.clear()
-
-
-DEFAULT_POOL = StaticCachePool()
 
 
 # ------------------------------------------------------------------------------------------- decode step

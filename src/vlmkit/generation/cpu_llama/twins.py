@@ -2,7 +2,9 @@
 
 A twin is a deep copy of the model's modules over the model's own tensors (nothing is copied), whose Linear layers
 are then swapped: the model itself is never touched, and the lean decode step (``lean_step.py``) runs a twin like
-the model. Twins are cached per model until a weight changes in place (an optimiser step, ``load_state_dict``).
+the model. Twins (and the float16 screen and draft, which are built the same way) live in a ``TwinCache`` that
+the model's owner holds (``generation.backend.DecodeResources``: one per ``VLM``), per model until a weight
+changes in place (an optimiser step, ``load_state_dict``).
 
 - ``onednn_twin``: the same float32 weights, multiplied by oneDNN (``torch.ops.mkldnn._linear_pointwise``, the
   kernel inductor's CPU lowering calls). A batch-1 decode step of a model too big for the CPU caches only streams
@@ -21,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -38,8 +41,38 @@ ONEDNN_GEMM_MIN_ROWS = 32
 # the largest finite float16: a float16 copy (greedy_head.py, draft.py) needs every weight below it
 FLOAT16_MAX = 65504.0
 
-# (kind, model) -> (weights signature, twin); weak on the model, so a dropped model frees its twins
-_TWINS: dict[str, weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], Any]]] = {}
+
+class TwinCache:
+    """What was built from a model's weights (twins, screens, drafts), per kind and model, until a weight changes.
+
+    Weak on the model, so a dropped model frees what was built from it; owned by whoever owns the model (a
+    ``VLM`` through its ``DecodeResources``), never module state.
+    """
+
+    def __init__(self) -> None:
+        # kind -> model -> (weights signature, what build() returned)
+        self._kinds: dict[str, weakref.WeakKeyDictionary[Any, tuple[tuple[tuple[int, int], ...], Any]]] = {}
+        self._lock = threading.Lock()
+
+    @torch.no_grad()
+    def get(self, kind: str, model: Any, *, build: Callable[[], Any]) -> Any:
+        """``build()``'s result, cached per ``kind`` and ``model`` until one of its weights changes (in place or
+        replaced). What ``build`` returns must not hold the model module itself (the cache is weak on it)."""
+        # _version is bumped by every in-place update; data_ptr catches a replaced tensor
+        signature = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        with self._lock:
+            cache = self._kinds.setdefault(kind, weakref.WeakKeyDictionary())
+            hit = cache.get(model)
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        built = build()
+        with self._lock:
+            cache[model] = (signature, built)
+        return built
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kinds.clear()
 
 
 class OneDnnLinear(nn.Module):
@@ -73,17 +106,27 @@ def fbgemm_available() -> bool:
     return any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm"))
 
 
-def onednn_twin(model: Any) -> Any | None:
-    """``model`` with oneDNN Linear layers, or ``None`` (no oneDNN, or matrices below ``ONEDNN_MIN_BYTES``)."""
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of the plain ``nn.Linear`` weights below ``model``: what a batch-1 step streams through them."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+
+
+def onednn_pays(model: nn.Module) -> bool:
+    """A decode step of ``model`` streams weights too big for the CPU caches (``ONEDNN_MIN_BYTES`` and up)."""
+    return linear_bytes(model) >= ONEDNN_MIN_BYTES
+
+
+def onednn_twin(model: Any, *, twins: TwinCache, force: bool = False) -> Any | None:
+    """``model`` with oneDNN Linear layers, or ``None`` (no oneDNN, not float32, or - unless ``force`` - matrices
+    below ``ONEDNN_MIN_BYTES``)."""
     if not onednn_available() or model.dtype != torch.float32:
         return None
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    if sum(m.weight.numel() * m.weight.element_size() for m in linears) < ONEDNN_MIN_BYTES:
+    if not force and not onednn_pays(model):
         return None
-    return _onednn(model)
+    return _onednn(model, twins=twins)
 
 
-def onednn_gemm_twin(module: nn.Module, *, rows: int) -> nn.Module | None:
+def onednn_gemm_twin(module: nn.Module, *, rows: int, twins: TwinCache) -> nn.Module | None:
     """``module`` with oneDNN Linear layers for a no-grad pass of ``rows`` rows per matrix product (a prefill, an
     image encode), or ``None`` where the module's own path stays: few rows, training, gradients, weights not
     float32 on the CPU, or no oneDNN."""
@@ -92,12 +135,12 @@ def onednn_gemm_twin(module: nn.Module, *, rows: int) -> nn.Module | None:
     linears = [m for m in module.modules() if type(m) is nn.Linear]
     if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         return None
-    return _onednn(module)
+    return _onednn(module, twins=twins)
 
 
-def _onednn(module: nn.Module) -> nn.Module:
+def _onednn(module: nn.Module, *, twins: TwinCache) -> nn.Module:
     """The one oneDNN twin of ``module``, shared by decode steps and many-row passes."""
-    return cached_for_weights("onednn", module, build=lambda: _swap_linears(_twin(module), OneDnnLinear))
+    return twins.get("onednn", module, build=lambda: _swap_linears(_twin(module), OneDnnLinear))
 
 
 def _twin(model: Any) -> Any:
@@ -112,18 +155,3 @@ def _swap_linears(model: Any, make: Callable[[nn.Linear], nn.Module]) -> Any:
             if type(child) is nn.Linear:
                 setattr(parent, name, make(child))
     return model
-
-
-@torch.no_grad()
-def cached_for_weights(kind: str, model: Any, *, build: Callable[[], Any]) -> Any:
-    """``build()``'s result, cached per ``kind`` and ``model`` until one of its weights changes (in place or
-    replaced). Weak on the model: what ``build`` returns must not hold the model module itself."""
-    # _version is bumped by every in-place update; data_ptr catches a replaced tensor
-    signature = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    cache = _TWINS.setdefault(kind, weakref.WeakKeyDictionary())
-    hit = cache.get(model)
-    if hit is not None and hit[0] == signature:
-        return hit[1]
-    twin = build()
-    cache[model] = (signature, twin)
-    return twin

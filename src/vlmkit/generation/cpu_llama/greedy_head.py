@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.generation.twins import FLOAT16_MAX, cached_for_weights, fbgemm_available
+from vlmkit.generation.cpu_llama.twins import FLOAT16_MAX, TwinCache, fbgemm_available
 
 # an output layer smaller than this stays in the CPU caches across steps: nothing to save by screening it
 SCREEN_MIN_BYTES = 8 << 20
@@ -42,7 +42,7 @@ class ScreenedHead:
     """
 
     def __init__(self, head: nn.Linear) -> None:
-        # the tensors, not the module: the screen is cached weakly on the module (twins.cached_for_weights)
+        # the tensors, not the module: the screen is cached weakly on the module (twins.TwinCache)
         self.weight, self.bias = head.weight.detach(), head.bias.detach() if head.bias is not None else None
         self.screen = _float16_linear(head)
         weight = self.weight
@@ -75,16 +75,28 @@ class ScreenedHead:
         return bound
 
 
-def screened_head(model: Any) -> ScreenedHead | None:
-    """The float16-screened greedy head of a causal LM's ``lm_head``, or ``None`` where it would not pay or cannot
-    run: a head below ``SCREEN_MIN_BYTES``, not a plain float32 ``nn.Linear`` on CPU, weights beyond float16's
-    range, or no fbgemm engine."""
+def screen_refusal(model: Any, *, force: bool = False) -> str | None:
+    """Why ``model``'s output layer gets no float16 screen (``None``: it does, unless a weight is beyond float16's
+    range, which only building it finds out): no fbgemm engine, not a plain float32 ``nn.Linear`` on CPU, or -
+    unless ``force`` - smaller than ``SCREEN_MIN_BYTES`` (it then stays in the CPU caches: nothing to save)."""
     head = getattr(model, "lm_head", None)
     if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+        return "the output layer is not a float32 nn.Linear on CPU"
+    if not fbgemm_available():
+        return "no fbgemm in this torch build"
+    size = head.weight.numel() * head.weight.element_size()
+    if not force and size < SCREEN_MIN_BYTES:
+        return f"output layer {size / 2**20:.1f} MiB < {SCREEN_MIN_BYTES >> 20} MiB stays in the CPU caches"
+    return None
+
+
+def screened_head(model: Any, *, twins: TwinCache, force: bool = False) -> ScreenedHead | None:
+    """The float16-screened greedy head of a causal LM's ``lm_head``, or ``None`` where it would not pay or cannot
+    run (``screen_refusal``, or weights beyond float16's range)."""
+    if screen_refusal(model, force=force) is not None:
         return None
-    if head.weight.numel() * head.weight.element_size() < SCREEN_MIN_BYTES or not fbgemm_available():
-        return None
-    return cached_for_weights("screened_head", head, build=lambda: _build(head))  # None is cached too
+    head = model.lm_head
+    return twins.get("screened_head", head, build=lambda: _build(head))  # None is cached too
 
 
 def _build(head: nn.Linear) -> ScreenedHead | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlmkit.generation.lean_step import lean_hidden
+from vlmkit.generation.cpu_llama.lean_step import lean_hidden
 from vlmkit.generation.stopping import RowState, StopStrings
 
 

@@ -25,29 +25,47 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def lean_step_model(lm: Any, *, attention_mask: torch.Tensor) -> Any | None:
-    """The model ``lean_decode_step`` runs in place of ``lm``'s own decode step for this request, else ``None``.
+    """The model ``lean_decode_step`` runs in place of ``lm``'s own decode step for this request, else ``None``
+    (``lean_refusal`` says why). The cache must be checked too, once it has its layers (``plain_dynamic_cache``)."""
+    if lean_refusal(lm) is not None or not bool(attention_mask.all()):  # one host sync per request
+        return None
+    return _unwrap(lm)
+
+
+def lean_refusal(lm: Any) -> str | None:
+    """Why ``lm``'s decode step cannot be ``lean_decode_step`` (``None``: it can, for a batch without padding).
 
     Plain ``LlamaForCausalLM`` in float32 on CPU, sdpa attention, default RoPE, SiLU MLP, plain ``nn.Linear``
-    layers (or vlmkit's quantized CPU layers) without hooks (no adapters) and a batch without padding. The cache
-    must be checked too, once it has its layers (``plain_dynamic_cache``).
+    layers (or vlmkit's quantized CPU layers) without hooks (no adapters).
     """
     from transformers import LlamaForCausalLM
 
     model = _unwrap(lm)
-    if type(model) is not LlamaForCausalLM or model.training or model.device.type != "cpu":
-        return None
+    if type(model) is not LlamaForCausalLM:
+        return f"{type(model).__name__} is not a plain LlamaForCausalLM"
+    if model.training or model.device.type != "cpu" or model.dtype != torch.float32:
+        where = (
+            "in training mode"
+            if model.training
+            else f"{str(model.dtype).replace('torch.', '')} on {model.device.type}"
+        )
+        return f"the LM is {where}, not float32 on CPU in eval mode"
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     if (
-        model.dtype != torch.float32
-        or config._attn_implementation != "sdpa"
+        config._attn_implementation != "sdpa"
         or rope.get("rope_type", "default") != "default"
         or config.hidden_act != "silu"
         or head_dim > 256
         or len(model.model.layers) != config.num_hidden_layers
     ):
-        return None
+        return "a Llama variant the lean step does not copy (attention, RoPE, activation or head size)"
+    return _module_refusal(model)
+
+
+def _module_refusal(model: Any) -> str | None:
+    """Layers the lean step would bypass: another Linear type (an adapter, a foreign quantization) or a hook."""
     modules = [
         model,
         model.model,
@@ -60,12 +78,15 @@ def lean_step_model(lm: Any, *, attention_mask: torch.Tensor) -> Any | None:
         modules += [layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
         linears = [getattr(layer.self_attn, n) for n in _PROJECTIONS] + [getattr(layer.mlp, n) for n in _MLP]
         # vlmkit's quantized CPU layers run their own forward (``_linear``), exactly as the model calls them
-        if any(type(x) is not nn.Linear and not isinstance(x, QuantizedLinear) for x in linears):
-            return None
+        for linear in linears:
+            if type(linear) is not nn.Linear and not isinstance(linear, QuantizedLinear):
+                return (
+                    f"a {type(linear).__name__} layer (adapter or foreign quantization) in place of nn.Linear"
+                )
         modules += linears
     if any(_has_hooks(module) for module in modules) or nn.modules.module._global_forward_hooks:
-        return None
-    return model if bool(attention_mask.all()) else None  # one host sync per request
+        return "forward hooks on the LM's modules"
+    return None
 
 
 def plain_dynamic_cache(cache: Any, *, num_layers: int) -> bool:
@@ -80,7 +101,7 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """LlamaRMSNorm.forward, float32 in and out (its dtype casts are no-ops then)."""
     variance = x.pow(2).mean(-1, keepdim=True)
     return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon))
@@ -167,8 +188,8 @@ def _append(layer: Any, name: str, new: torch.Tensor) -> None:
     """
     old = getattr(layer, name)
     length, extra = old.shape[-2], new.shape[-2]
-    buffer = getattr(layer, f"_vlmkit_{name}_buffer", None)
-    if not _owns(buffer, old, length + extra):
+    buffer: torch.Tensor | None = getattr(layer, f"_vlmkit_{name}_buffer", None)
+    if buffer is None or not _owns(buffer, old, length + extra):
         capacity = length + extra + max(256, length // 4)
         buffer = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
         buffer[..., :length, :] = old

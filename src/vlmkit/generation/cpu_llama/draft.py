@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.generation.lean_step import _append, _rotate_half
-from vlmkit.generation.twins import FLOAT16_MAX, cached_for_weights, fbgemm_available
+from vlmkit.generation.cpu_llama.lean_step import _append, _rotate_half
+from vlmkit.generation.cpu_llama.twins import FLOAT16_MAX, TwinCache, fbgemm_available
 
 # ``speculative=None`` (auto) builds a draft only up to this size, and within a quarter of the memory available
 AUTO_MAX_BYTES = 1 << 30
@@ -119,18 +119,23 @@ class Float16Draft:
         return _mm(out.transpose(1, 2).reshape(1, 1, -1), layer["o"])
 
 
-def float16_draft(model: Any) -> Float16Draft | None:
+def float16_draft(model: Any, *, twins: TwinCache) -> Float16Draft | None:
     """The cached float16 draft of ``model`` (see ``lean_step.lean_step_model``), or ``None`` without fbgemm's
     float16 kernels or when a weight is beyond float16's range."""
     if not fbgemm_available():
         return None
-    return cached_for_weights("float16_draft", model, build=lambda: _build(model))  # None is cached too
+    return twins.get("float16_draft", model, build=lambda: _build(model))  # None is cached too
+
+
+def draft_bytes(model: Any) -> int:
+    """Bytes of ``model``'s float16 draft: half its ``nn.Linear`` matrices."""
+    return sum(m.weight.numel() * 2 for m in model.modules() if type(m) is nn.Linear)
 
 
 def affordable(model: Any) -> bool:
     """Whether auto mode may build ``model``'s draft: its float16 matrices within ``AUTO_MAX_BYTES`` and within a
     quarter of the memory available now (where the system says; Linux ``MemAvailable``)."""
-    size = sum(m.weight.numel() * 2 for m in model.modules() if type(m) is nn.Linear)
+    size = draft_bytes(model)
     available = _available_memory()
     return size <= AUTO_MAX_BYTES and (available is None or 4 * size <= available)
 
