@@ -113,3 +113,27 @@ def save_timm(directory: Path, *, kind: str = "vit", seed: int = 0) -> Path:
     timm.models.save_for_hf(model, directory, model_args=args | {"num_classes": 0}, safe_serialization=True,
                             data_config={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})  # fmt: skip
     return directory
+
+
+OPEN_CLIP_TIMM_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit", "timm_model_pretrained": False,
+                   "timm_pool": "avg", "timm_proj": "linear"},
+    "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+}  # fmt: skip
+
+
+def save_open_clip_timm(directory: Path, *, seed: int = 0) -> Path:
+    """A tiny open_clip CLIP whose image tower is a timm trunk (timm's test_vit: 10 x 10 patches of 16 px)."""
+    from safetensors.torch import save_file
+
+    open_clip = require("open_clip")
+    require("timm")
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**OPEN_CLIP_TIMM_CFG)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_TIMM_CFG}))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, directory / "open_clip_model.safetensors"
+    )
+    return directory

@@ -21,7 +21,8 @@ def towers(tmp_path_factory):
     root = tmp_path_factory.mktemp("lib-towers")
     return {"open_clip": libtowers.save_open_clip(root / "open_clip"),
             "timm": libtowers.save_timm(root / "timm", kind="vit"),
-            "eva": libtowers.save_timm(root / "eva", kind="eva")}  # fmt: skip
+            "eva": libtowers.save_timm(root / "eva", kind="eva"),
+            "open_clip_timm": libtowers.save_open_clip_timm(root / "open_clip_timm")}  # fmt: skip
 
 
 def _oracle_open_clip(directory, x, *, index):
@@ -36,8 +37,12 @@ def _oracle_open_clip(directory, x, *, index):
 
 
 def _oracle_timm(directory, x, *, index):
-    timm = libtowers.require("timm")
-    model = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
+    if (directory / "open_clip_config.json").exists():  # open_clip's tower on a timm trunk: read the trunk
+        open_clip = libtowers.require("open_clip")
+        model = open_clip.create_model(f"local-dir:{directory}").visual.trunk.eval()
+    else:
+        timm = libtowers.require("timm")
+        model = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
     if index == 0:  # the input of the first block, from the library's forward
         seen = []
         hook = model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
@@ -49,7 +54,7 @@ def _oracle_timm(directory, x, *, index):
     return torch.cat([prefix, spatial], dim=1)
 
 
-@pytest.mark.parametrize("kind", ["open_clip", "timm", "eva"])
+@pytest.mark.parametrize("kind", ["open_clip", "timm", "eva", "open_clip_timm"])
 @pytest.mark.parametrize("layer", LAYERS)
 def test_features_equal_library_forward(towers, kind, layer):
     directory = towers[kind]
@@ -119,3 +124,23 @@ def test_bad_tower_directories_are_refused(towers, tmp_path):
         load_vision(str(towers["timm"]), dtype=None, overrides={"image_size": 64})
     with pytest.raises(ValueError, match="out of range"):
         load_vision(str(towers["timm"]), dtype=None, overrides={"feature_layer": 9})
+
+
+def test_open_clip_model_name_and_weights_file(towers, tmp_path):
+    """``open_clip:NAME@FILE``: a config from open_clip's registry (here one added the library's way) + weights."""
+    import json
+
+    open_clip = libtowers.require("open_clip")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "vlmkit-test-tiny.json").write_text(json.dumps(libtowers.OPEN_CLIP_CFG))
+    open_clip.add_model_config(tmp_path / "configs")
+    weights = towers["open_clip"] / "open_clip_model.safetensors"
+    named = load_vision(f"open_clip:vlmkit-test-tiny@{weights}", dtype=None, overrides={}).eval()
+    from_dir = load_vision(str(towers["open_clip"]), dtype=None, overrides={}).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(named(x), from_dir(x))
+    with pytest.raises(ModelDirError, match="no model config named"):
+        load_vision(f"open_clip:no-such-model@{weights}", dtype=None, overrides={})
+    with pytest.raises(ModelDirError, match="never unpickles"):
+        load_vision(f"open_clip:vlmkit-test-tiny@{tmp_path / 'w.bin'}", dtype=None, overrides={})

@@ -66,8 +66,24 @@ def detect_library(path: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------- reading dirs
 
 
+def split_named(path: Path) -> tuple[str, Path] | None:
+    """``NAME@FILE``: an open_clip model name (one of its built-in configs) and a safetensors weights file."""
+    name, sep, file = str(path).partition("@")
+    return (name, Path(file).expanduser()) if sep and name and file and not path.is_dir() else None
+
+
 def read_library_dir(path: Path, *, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A hub-layout directory -> (the tower's ``hf_config`` for VisionConfig, its preprocessing fields)."""
+    """A hub-layout directory (or open_clip ``NAME@FILE``) -> (the tower's ``hf_config`` for VisionConfig, its
+    preprocessing fields)."""
+    if kind == "open_clip" and (named := split_named(path)) is not None:
+        model_cfg = import_library("open_clip").get_model_config(named[0])
+        if model_cfg is None:
+            raise ModelDirError(
+                f"open_clip has no model config named {named[0]!r} (see open_clip.list_models())"
+            )
+        tower = {"model_type": "open_clip", "embed_dim": model_cfg.get("embed_dim", 512),
+                 "quick_gelu": bool(model_cfg.get("quick_gelu", False)), "vision_cfg": model_cfg["vision_cfg"]}  # fmt: skip
+        return tower, _open_clip_preprocess(model_cfg.get("preprocess_cfg") or {}, tower=tower)
     if kind == "open_clip":
         data = read_json(path / OPEN_CLIP_CONFIG)
         model_cfg = data.get("model_cfg")
@@ -111,7 +127,12 @@ def _timm_preprocess(pre: dict[str, Any]) -> dict[str, Any]:
 def library_weights(path: Path, *, kind: str) -> dict[str, torch.Tensor]:
     """The tower's tensors from the directory's safetensors file (a pickle-only directory is refused)."""
     name = OPEN_CLIP_WEIGHTS if kind == "open_clip" else TIMM_WEIGHTS
-    file = path / name
+    named = split_named(path) if kind == "open_clip" else None
+    file = path / name if named is None else named[1]
+    if named is not None and (file.suffix != ".safetensors" or not file.is_file()):
+        raise ModelDirError(
+            f"{file}: the weights must be an existing .safetensors file (vlmkit never unpickles)"
+        )
     if not file.is_file():
         pickles = sorted(
             p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -122,7 +143,7 @@ def library_weights(path: Path, *, kind: str) -> dict[str, torch.Tensor]:
         state = load_file(str(file))
     except SafetensorError as exc:
         raise ModelDirError(f"{file}: not a valid safetensors file ({exc})") from None
-    if kind == "open_clip":  # the image half of a CLIP checkpoint
+    if kind == "open_clip" and any(k.startswith("visual.") for k in state):  # the image half of a CLIP
         state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     return state
 
@@ -132,15 +153,17 @@ def library_weights(path: Path, *, kind: str) -> dict[str, torch.Tensor]:
 
 def build_library_tower(hf_config: dict[str, Any]) -> nn.Module:
     """A randomly initialised tower from its stored config, by the library's own constructors."""
-    kind = hf_config.get("model_type")
-    if kind == "open_clip":
+    if hf_config.get("model_type") == "open_clip":
         open_clip = import_library("open_clip")
         vision_cfg = dict(hf_config["vision_cfg"])
-        if vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), list | tuple):
-            raise ValueError("open_clip towers built on timm trunks or ResNets are not supported; "
-                             "load a timm tower directly with timm:DIR")  # fmt: skip
+        if isinstance(vision_cfg.get("layers"), list | tuple):
+            raise ValueError("open_clip ResNet towers are not supported (ViT towers only)")
+        if vision_cfg.get("timm_model_name"):
+            import_library("timm")  # open_clip builds these trunks (SigLIP, EVA, ...) with timm
+            vision_cfg["timm_model_pretrained"] = False  # weights come from the directory, never a download
         visual = open_clip.model._build_vision_tower(hf_config["embed_dim"], vision_cfg,
                                                      quick_gelu=hf_config.get("quick_gelu", False))  # fmt: skip
+        _check_vit(getattr(visual, "trunk", None), name=vision_cfg.get("timm_model_name"))
         return visual
     timm = import_library("timm")
     try:
@@ -149,11 +172,16 @@ def build_library_tower(hf_config: dict[str, Any]) -> nn.Module:
         )
     except (RuntimeError, TypeError, ValueError) as exc:  # unknown architecture or arguments
         raise ValueError(f"timm could not build {hf_config['architecture']!r}: {exc}") from None
-    if not all(hasattr(model, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "forward_features")):
-        raise ValueError(
-            f"timm architecture {hf_config['architecture']!r} is not a ViT-style tower (ViT, SigLIP, EVA, DINOv2)"
-        )
+    _check_vit(model, name=hf_config["architecture"])
     return model
+
+
+def _check_vit(trunk: nn.Module | None, *, name: str | None) -> None:
+    """A timm model must be ViT-style (blocks on a patch grid); None (open_clip's own ViT) passes."""
+    if trunk is not None and not all(
+        hasattr(trunk, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "forward_features")
+    ):
+        raise ValueError(f"timm architecture {name!r} is not a ViT-style tower (ViT, SigLIP, EVA, DINOv2)")
 
 
 def load_library_tower(
@@ -192,18 +220,22 @@ class LibraryVisionEncoder(nn.Module):
         self.config = config
         self.model_type: str = config.hf_config["model_type"]
         self.model = model if model is not None else build_library_tower(config.hf_config)
-        if self.model_type == "open_clip":
+        trunk = self._timm_trunk()
+        if trunk is None:  # open_clip's own VisionTransformer
             grid, patch = self.model.grid_size, self.model.patch_size
             self.hidden_size: int = self.model.conv1.out_channels
             self.num_prefix = 1  # open_clip's ViT always has one class token
         else:
-            grid, patch = self.model.patch_embed.grid_size, self.model.patch_embed.patch_size
-            self.hidden_size = self.model.embed_dim
-            self.num_prefix = int(self.model.num_prefix_tokens)
+            grid, patch = trunk.patch_embed.grid_size, trunk.patch_embed.patch_size
+            self.hidden_size = trunk.embed_dim
+            self.num_prefix = int(trunk.num_prefix_tokens)
         self.patch_size: int = int(patch[0])
         self.native_size: int = int(grid[0]) * self.patch_size
+        vision_cfg = config.hf_config.get("vision_cfg") or {}
         self.name = (
-            config.hf_config.get("architecture") or f"open_clip ViT-{self.hidden_size}/{self.patch_size}"
+            config.hf_config.get("architecture")
+            or vision_cfg.get("timm_model_name")
+            or f"ViT-{self.hidden_size}/{self.patch_size}"
         )
         if config.conv_stem:
             raise ValueError("vision.conv_stem is supported for transformers towers only")
@@ -219,8 +251,13 @@ class LibraryVisionEncoder(nn.Module):
         """For ``vlmkit info``: the library and the tower, e.g. ``timm:vit_base_patch16_siglip_224``."""
         return f"{self.model_type}:{self.name}"
 
+    def _timm_trunk(self) -> Any:
+        """The timm ViT whose blocks are read (a timm tower, or the trunk of an open_clip tower), or None."""
+        return self.model if self.model_type == "timm" else getattr(self.model, "trunk", None)
+
     def _blocks(self) -> nn.ModuleList:
-        return self.model.transformer.resblocks if self.model_type == "open_clip" else self.model.blocks
+        trunk = self._timm_trunk()
+        return self.model.transformer.resblocks if trunk is None else trunk.blocks
 
     def _layer_index(self, num_layers: int) -> int:
         layer = self.config.feature_layer
@@ -241,8 +278,10 @@ class LibraryVisionEncoder(nn.Module):
         """pixel_values [n, 3, S, S] -> hidden state ``layer_index`` [n, prefix + patches, hidden]."""
         captured: list[torch.Tensor] = []
 
+        trunk = self._timm_trunk()
+
         def keep(tensor: torch.Tensor) -> None:
-            batch_first = self.model_type != "open_clip" or self.model.transformer.batch_first
+            batch_first = trunk is not None or self.model.transformer.batch_first
             captured.append(tensor if batch_first else tensor.transpose(0, 1))
             raise _Stop
 
@@ -252,9 +291,7 @@ class LibraryVisionEncoder(nn.Module):
         else:
             hook = blocks[self.layer_index - 1].register_forward_hook(lambda _m, _a, out: keep(out))
         try:
-            self.model(pixel_values) if self.model_type == "open_clip" else self.model.forward_features(
-                pixel_values
-            )
+            self.model(pixel_values) if trunk is None else trunk.forward_features(pixel_values)
         except _Stop:
             pass
         finally:

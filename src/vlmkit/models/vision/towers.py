@@ -24,6 +24,7 @@ from vlmkit.models.vision.library import (
     detect_library,
     load_library_tower,
     read_library_dir,
+    split_named,
 )
 
 VisionSource = str | Path | Sequence[str | Path]
@@ -82,6 +83,8 @@ def load_vision(source: VisionSource, *, dtype: torch.dtype | None, overrides: d
 def _load_one(
     path: Path, *, kind: str | None, dtype: torch.dtype | None, overrides: dict[str, Any]
 ) -> VisionEncoder | LibraryVisionEncoder:
+    if kind == "open_clip" and split_named(path) is not None:  # NAME@FILE: no directory to detect
+        return _library_encoder(path, kind=kind, dtype=dtype, overrides=overrides)
     path = check_model_dir(path.expanduser())
     detected = detect_library(path)
     kind = kind or detected
@@ -93,6 +96,12 @@ def _load_one(
         raise ModelDirError(
             f"{path}: not a {kind} tower directory (see docs/parts.md for the expected files)"
         )
+    return _library_encoder(path, kind=kind, dtype=dtype, overrides=overrides)
+
+
+def _library_encoder(
+    path: Path, *, kind: str, dtype: torch.dtype | None, overrides: dict[str, Any]
+) -> LibraryVisionEncoder:
     tower, fields = load_library_tower(path, kind=kind, dtype=dtype)
     fields |= {k: v for k, v in overrides.items() if v is not None and k != "conv_stem"}
     if overrides.get("conv_stem"):
@@ -118,9 +127,12 @@ def vision_config_from_dirs(source: VisionSource, *, overrides: dict[str, Any]) 
 def _config_only(path: Path, *, kind: str | None, overrides: dict[str, Any]) -> VisionConfig:
     from transformers import AutoConfig
 
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    if kind == "open_clip" and split_named(path) is not None:
+        tower, preprocess = read_library_dir(path, kind=kind)
+        return VisionConfig(**({"hf_config": tower, "source": f"{kind}:{path}"} | preprocess | fields))
     path = check_model_dir(path.expanduser())
     kind = kind or detect_library(path)
-    fields = {k: v for k, v in overrides.items() if v is not None}
     if kind is None:
         hf = vision_hf_config(AutoConfig.from_pretrained(str(path), trust_remote_code=False).to_dict())
         return vision_config_for(tower=SimpleNamespace(config=hf), source=path, overrides=fields)
