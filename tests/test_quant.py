@@ -86,6 +86,15 @@ def test_int4_layer_within_its_rounding_bound():
         assert _relative(layer(x), x.bfloat16().float() @ layer.dequantize().t() + linear.bias) < 0.01
 
 
+def test_layers_quantized_under_inference_mode_run():
+    """Tensors made under ``torch.inference_mode`` keep no version counter; the packed-weight cache copes."""
+    with torch.inference_mode():
+        linear = nn.Linear(128, 64)
+        for layer in (Int8DynamicLinear.from_linear(linear), Int4Linear.from_linear(linear, group_size=128)):
+            x = torch.randn(3, 128)
+            assert _relative(layer(x), linear(x)) < 0.12
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_vlm_logits_close_to_float32(float_vlm, quantized, images, method):
     vlm = quantized[method]

@@ -113,15 +113,17 @@ class _QuantizedMatmul(torch.autograd.Function):
 
 def _packed(key: torch.Tensor, build: Callable[[], Any]) -> Any:
     """``build()``'s packed weights, cached until ``key`` changes in place (``load_state_dict`` copies in place)."""
+    # an inference tensor (made under torch.inference_mode) keeps no version: it is never written in place
+    version = -1 if key.is_inference() else key._version
     hit = _PACKED.get(id(key))
-    if hit is not None and hit[0] == key._version:
+    if hit is not None and hit[0] == version:
         return hit[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch marks its quantized tensors for a future move to torchao
         packed = build()
     if hit is None:
         weakref.finalize(key, _PACKED.pop, id(key), None)
-    _PACKED[id(key)] = (key._version, packed)
+    _PACKED[id(key)] = (version, packed)
     return packed
 
 
