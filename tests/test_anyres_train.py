@@ -152,3 +152,14 @@ def test_interrupted_anyres_run_resumes_bitwise(parts, data, tmp_path):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
               for d in ("a", "b")]  # fmt: skip
     assert losses[0] == losses[1]
+
+
+def test_text_only_batch_runs_the_training_tower(parts):
+    """A micro-batch without images runs a training tower on one blank image (AnyRes: a list of features)."""
+    model = fresh(parts).model
+    ids = torch.tensor([[1, 5, 6, 7]])
+    loss = TokenLoss(model, blank_images=True)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.vision.parameters() if p.grad is not None]  # the layers before the readout
+    assert grads and not any(g.any() for g in grads)  # reached, at zero weight

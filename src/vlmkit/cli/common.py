@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from PIL.Image import Image
 
     from vlmkit.api import VLM
@@ -166,7 +168,10 @@ def check_device(device: str) -> None:
         kind = torch.device(device).type
     except RuntimeError:
         raise CLIError(f"invalid --device {device!r}; use e.g. cpu, cuda or cuda:1") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    available: dict[str, Callable[[], bool]] = {
+        "cuda": torch.cuda.is_available,
+        "mps": torch.backends.mps.is_available,
+    }
     if kind in available and not available[kind]():
         raise CLIError(f"--device {device!r} requested but {kind} is not available in this torch install")
 

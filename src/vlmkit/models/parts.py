@@ -74,7 +74,8 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
             f"(supported: {', '.join(sorted(set(_VISION_CLASSES)))})"
         )
     check_no_pickle_only(path)
-    vision = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else raw  # CLIP: its half
+    vision_config = raw.get("vision_config")
+    vision = vision_config if isinstance(vision_config, dict) else raw  # CLIP: its half
     check_fits(
         {"vision": estimate(vision)}, source=path / "config.json", bytes_per_param=element_bytes(dtype)
     )

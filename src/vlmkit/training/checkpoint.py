@@ -112,7 +112,9 @@ def write_rng(directory: Path, *, rank: int) -> None:
             tensors[f"cuda.{device}"] = state
     save_file(tensors, str(directory / f"rng-rank{rank}.safetensors"))
     version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple)  # legacy=True, the default: (kind, keys, pos, has_gauss, cached)
+    kind, keys, pos, has_gauss, cached = numpy_state
     write_json(directory / f"rng-rank{rank}.json", data={
         "python": [version, list(mt), gauss],
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.models.vlm import VisionLanguageModel, prompt_context
+from vlmkit.models.vlm import ImageFeatures, VisionLanguageModel, prompt_context
 from vlmkit.processing.prompting import IGNORE_INDEX
 from vlmkit.processing.tiling import TileLayout
 
@@ -51,7 +51,8 @@ class TokenLoss(nn.Module):
         AnyRes: pixel_values / vision_features hold every tile ([tiles, ...]) and ``image_layouts`` one per image."""
         if image_layouts is not None and self.where_weight > 0:
             raise ValueError("the where objective reads a square grid per image; it does not apply to AnyRes tiles")
-        image_features, blank = None, None
+        image_features: ImageFeatures | None = None
+        blank: ImageFeatures | None = None
         if vision_features is not None and self.model.text_conditioned:  # projected in the model's embed
             image_features = vision_features
         elif vision_features is not None:
@@ -70,13 +71,14 @@ class TokenLoss(nn.Module):
                             context_mask=prompt_context(labels), use_cache=False).logits  # fmt: skip
         loss = token_loss_sum(logits, labels=labels)
         self.where_part = self.where_mean = None
-        if self.where_weight > 0 and image_features is not None:
+        if self.where_weight > 0 and isinstance(image_features, torch.Tensor):  # no AnyRes (checked above)
             self.where_mean = where_loss(image_features)
             targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
             self.where_part = self.where_weight * targets * self.where_mean
             loss = loss + self.where_part
-        if blank is not None:
-            loss = loss + 0.0 * blank.float().sum()
+        if blank is not None:  # AnyRes: one tensor per image
+            parts = [blank] if isinstance(blank, torch.Tensor) else list(blank)
+            loss = loss + 0.0 * torch.stack([b.float().sum() for b in parts]).sum()
         elif image_features is None and torch.is_grad_enabled():
             # text only: the projector (and a trainable tower) took no part. A zero link gives them zero
             # gradients, so every process reduces the same parameters (DDP without unused-parameter search),

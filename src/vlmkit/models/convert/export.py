@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -25,7 +25,9 @@ from torch import nn
 from vlmkit.config import PromptConfig, VisionConfig
 from vlmkit.models.convert.llava_hf import BICUBIC, jinja_literal
 from vlmkit.models.io import ModelDirError
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.processing.prompting import BUILTIN_TEMPLATES, TOKENIZER_TEMPLATE, ChatTemplate, resolve_template
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 FORMATS = ("hf-llava", "hf-llava-next", "hf-llava-onevision")  # the last two: export_anyres.py
 _TOWERS = ("clip_vision_model", "siglip_vision_model")
@@ -107,7 +109,7 @@ def unrepresentable_reasons(model: Any) -> list[str]:
     return reasons + _language_reasons(model.language_model)
 
 
-def _language_reasons(lm: nn.Module) -> list[str]:
+def _language_reasons(lm: LanguageModel) -> list[str]:
     """llava-hf computes ``lm_head(AutoModel(text_config)(...))``; the LM must be exactly that."""
     from transformers import AutoModel
 
@@ -135,7 +137,7 @@ def _language_reasons(lm: nn.Module) -> list[str]:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def assemble_llava(model: Any, *, tokenizer: Any) -> Any:
+def assemble_llava(model: Any, *, tokenizer: Tokenizer) -> Any:
     """A ``LlavaForConditionalGeneration`` whose modules are ``model``'s own (shared, not copied)."""
     from transformers import LlavaForConditionalGeneration
 
@@ -148,17 +150,19 @@ def assemble_llava(model: Any, *, tokenizer: Any) -> Any:
     llava.model.multi_modal_projector.linear_2 = model.projector.linear_2
     llava.model.language_model = getattr(lm, lm.base_model_prefix)
     llava.lm_head = lm.get_output_embeddings()
-    llava.generation_config = copy.deepcopy(lm.generation_config)
+    if lm.generation_config is not None:  # a causal LM always has one
+        llava.generation_config = copy.deepcopy(lm.generation_config)
     leftover = [n for n, t in chain(llava.named_parameters(), llava.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"llava-hf export left tensors unset: {', '.join(leftover[:3])}")
     return llava
 
 
-def llava_config(model: Any, *, lm: nn.Module) -> Any:
+def llava_config(model: Any, *, lm: LanguageModel) -> Any:
     from transformers import LlavaConfig
 
-    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings()  # a linear head (export_reasons checked)
+    tied = head is not None and head.weight is lm.get_input_embeddings().weight
     text_config = lm.config.to_dict() | {"tie_word_embeddings": tied}
     return LlavaConfig(
         vision_config=model.vision.model.config.to_dict(),
@@ -173,12 +177,12 @@ def llava_config(model: Any, *, lm: nn.Module) -> Any:
     )
 
 
-def feature_select_strategy(model: Any) -> str:
+def feature_select_strategy(model: Any) -> Literal["default", "full"]:
     """llava-hf's "default" drops exactly one leading token; a tower without a CLS token keeps all ("full")."""
     return "default" if model.config.vision.select == "patch" and model.vision.num_prefix == 1 else "full"
 
 
-def _lm_with_image_token(model: Any, *, tokenizer: Any) -> nn.Module:
+def _lm_with_image_token(model: Any, *, tokenizer: Tokenizer) -> LanguageModel:
     """The LM, grown (as a copy) when the image token id lies past its vocabulary.
 
     llava-hf looks up ``input_ids`` in the embedding before replacing the image positions, so the id must be
@@ -245,7 +249,7 @@ def image_processor_for(vision: VisionConfig) -> Any:
 # -------------------------------------------------------------------------------------------- templates
 
 
-def llava_chat_template(*, prompt: PromptConfig, tokenizer: Any) -> str:
+def llava_chat_template(*, prompt: PromptConfig, tokenizer: Tokenizer) -> str:
     """vlmkit's conversation format as a template that llava-hf's processor (content parts) and a tokenizer
     (plain strings) both render exactly as vlmkit does."""
     name = resolve_template(prompt.template, tokenizer)
@@ -264,7 +268,7 @@ def llava_chat_template(*, prompt: PromptConfig, tokenizer: Any) -> str:
     return _parts_to_plain_prelude(prompt.image_token, system=system) + template
 
 
-def renders_parts(template: str, *, tokenizer: Any, image_token: str) -> bool:
+def renders_parts(template: str, *, tokenizer: Tokenizer, image_token: str) -> bool:
     """Whether ``template`` renders content parts as vlmkit would render the same message as a string."""
     parts = [{"type": "image"}, {"type": "text", "text": PROBE}]
     try:

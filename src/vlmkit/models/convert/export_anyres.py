@@ -28,6 +28,8 @@ from vlmkit.models.convert.export import (
     unrepresentable_reasons,
 )
 from vlmkit.models.convert.llava_hf import BICUBIC
+from vlmkit.models.language.protocols import LanguageModel
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 ANYRES_FORMATS = {"hf-llava-next": "llava_next", "hf-llava-onevision": "llava_onevision"}
 _CLASSES = {"llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
@@ -81,7 +83,7 @@ def export_hf_anyres(vlm: Any, *, out: str | Path, format: str) -> Path:
     return target
 
 
-def assemble(model: Any, *, tokenizer: Any, family: str) -> Any:
+def assemble(model: Any, *, tokenizer: Tokenizer, family: str) -> Any:
     """transformers' NeXT / OneVision model whose modules are ``model``'s own (shared, not copied)."""
     import transformers
 
@@ -102,11 +104,12 @@ def assemble(model: Any, *, tokenizer: Any, family: str) -> Any:
     return hf
 
 
-def hf_config(model: Any, *, lm: nn.Module, family: str) -> Any:
+def hf_config(model: Any, *, lm: LanguageModel, family: str) -> Any:
     import transformers
 
     tiling = model.config.vision.tiling
-    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings()  # a linear head (export_reasons checked)
+    tied = head is not None and head.weight is lm.get_input_embeddings().weight
     extra = (
         {"vision_aspect_ratio": f"anyres_max_{tiling.max_tile_tokens}"} if family == "llava_onevision" else {}
     )
@@ -140,7 +143,7 @@ def image_processor_settings(model: Any, *, family: str) -> dict[str, Any]:
     return settings | {"size": {"height": side, "width": side}, "do_center_crop": False}
 
 
-def write_processor(model: Any, *, tokenizer: Any, family: str, directory: Path) -> None:
+def write_processor(model: Any, *, tokenizer: Tokenizer, family: str, directory: Path) -> None:
     """The processor files: image processor, tokenizer (with the chat template), processor settings."""
     import transformers
 
