@@ -80,8 +80,16 @@ class QuantizedLinear(nn.Module):
     def device(self) -> torch.device:
         return self.qweight.device
 
+    def one_row(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [1, ..., 1, in] float32 -> [1, ..., 1, out] straight through the kernel, or None (no fast path)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype."""
+        # a batch-1 decode step: one row, no bias, no gradient; per call overhead is most of such a small product
+        if x.numel() == self.in_features and x.dtype is torch.float32 and x.is_cpu and self.bias is None:
+            if not (x.requires_grad and torch.is_grad_enabled()) and (out := self.one_row(x)) is not None:
+                return out
         if self.device.type != "cpu":
             raise RuntimeError(f"{self.scheme} layers run on CPU only; this one is on {self.device}")
         rows = x.reshape(-1, self.in_features)
@@ -167,6 +175,11 @@ class Int8DynamicLinear(QuantizedLinear):
         q = torch.round(x / row_scale).clamp_(-127, 127).to(torch.int8)
         return torch._int_mm(q, self.qweight.t()).float() * (row_scale * self.scale.float())
 
+    def one_row(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not fbgemm_available():
+            return None
+        return torch.ops.quantized.linear_dynamic(x, _packed(self.qweight, self._pack), True)
+
     def _pack(self) -> Any:
         zero = torch.zeros(self.out_features, dtype=torch.long)
         weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero, 0)
@@ -229,6 +242,12 @@ class Int4Linear(QuantizedLinear):
             x.to(torch.bfloat16), packed, self.group_size, scales_zeros
         )
         return out.float()
+
+    def one_row(self, x: torch.Tensor) -> torch.Tensor | None:
+        packed, scales_zeros = _packed(self.qweight, self._pack)
+        flat = x.reshape(1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros)
+        return out.float().view(*x.shape[:-1], self.out_features)
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes(), 1)
