@@ -11,7 +11,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tiny import NumberTokenizer, sharp_llama
-from vlmkit.generation import BACKENDS, DecodeOptions, DecodeResources, GenerationConfig, generate, stream
+from vlmkit.generation import (
+    BACKENDS,
+    DecodeBackend,
+    DecodeOptions,
+    DecodeResources,
+    GenerationConfig,
+    generate,
+    stream,
+)
 from vlmkit.generation.backend import decide, select_backend
 from vlmkit.generation.cpu_llama import greedy_head, twins
 
@@ -168,7 +176,11 @@ def test_select_backend_builds_what_decide_chose_and_logs_why(lm, caplog) -> Non
     with caplog.at_level(logging.DEBUG, logger="vlmkit.generation"):
         backend, reason = select_backend(lm, attention_mask=mask, config=GenerationConfig(),
                                          options=DecodeOptions(static_cache=True), resources=resources)  # fmt: skip
-    assert backend.name == "static" and reason.startswith("static_cache set")
+    assert (
+        isinstance(backend, DecodeBackend)
+        and backend.name == "static"
+        and reason.startswith("static_cache set")
+    )
     assert f"decode backend static ({reason})" in caplog.text
     backend.close()
     assert len(resources.pool._idle) == 1  # the pool is the resources', not a module's

@@ -118,6 +118,7 @@ class Decision:
     kernel: str = "linear"
     screen: bool = False
     draft_tokens: int = 0
+    forced: bool = False  # by ``DecodeOptions.backend``: size thresholds do not apply
 
 
 class Selection(NamedTuple):
@@ -134,38 +135,40 @@ def decide(
     """
     forced = options.backend
     if config.num_beams > 1 or forced == "beam":
-        return Decision("beam", "forced" if forced else f"num_beams={config.num_beams}: eager, dynamic cache")
-    static = _static(lm, options=options)
-    if static is not None and not static.name.startswith("!"):
+        why = "forced" if forced else f"num_beams={config.num_beams}: eager, dynamic cache"
+        return Decision("beam", why, forced=forced == "beam")
+    static, note = _static(lm, options=options)
+    if static is not None:
         return static
-    note = f"{static.reason}; " if static is not None else ""
     refusal = _lean_refusal(lm, attention_mask=attention_mask)
     if forced == "dynamic" or (refusal is not None and forced not in _LEAN):
         why = "forced" if forced == "dynamic" else f"model's own forward: {refusal}"
-        return Decision("dynamic", note + why)
+        return Decision("dynamic", note + why, forced=forced == "dynamic")
     if refusal is not None:
         raise ValueError(f"backend={forced!r} cannot run this request: {refusal}")
-    return _lean(_unwrap(lm), batch=attention_mask.shape[0], config=config, options=options)
+    lean = _lean(_unwrap(lm), batch=attention_mask.shape[0], config=config, options=options)
+    return dataclasses.replace(lean, reason=note + lean.reason) if note else lean
 
 
-def _static(lm: Any, *, options: DecodeOptions) -> Decision | None:
-    """``static`` / ``compiled`` where asked for and the cache layout allows; a ``!`` name is a note why not."""
+def _static(lm: Any, *, options: DecodeOptions) -> tuple[Decision | None, str]:
+    """``static`` / ``compiled`` where asked for and the cache layout allows, else ``None`` and a note on why not
+    (empty when no static cache was asked for)."""
     forced = options.backend
     if forced not in ("static", "compiled") and (forced is not None or not options.uses_static_cache):
-        return None
+        return None, ""
     if not static_cache_supported(lm):
         if forced is not None:
             raise ValueError(
                 f"backend={forced!r}: this model's static cache has sliding-window or linear layers"
             )
-        return Decision("!", "static cache asked for, but its layers do not keep every position")
+        return None, "static cache asked for, but its layers do not keep every position; "
     if forced is not None:
-        return Decision(forced, "forced")
+        return Decision(forced, "forced", forced=True), ""
     if options.compile is not False:
         return Decision(
             "compiled", "compile set: a torch.compile'd one-token step over a pooled static cache"
-        )
-    return Decision("static", "static_cache set (VLM: from batch 16 on): a pooled, preallocated cache")
+        ), ""
+    return Decision("static", "static_cache set (VLM: from batch 16 on): a pooled, preallocated cache"), ""
 
 
 def _lean_refusal(lm: Any, *, attention_mask: torch.Tensor) -> str | None:
@@ -189,7 +192,7 @@ def _lean(model: Any, *, batch: int, config: GenerationConfig, options: DecodeOp
     if forced == "lean-onednn" and not onednn_available():
         raise ValueError("backend='lean-onednn': this torch build has no oneDNN linear kernel")
     if forced in ("lean-linear", "lean-onednn"):
-        return Decision(forced, "forced", kernel=forced.removeprefix("lean-"))
+        return Decision(forced, "forced", kernel=forced.removeprefix("lean-"), forced=True)
     facts = f"float32 Llama on CPU, LM matrices {_mb(size)} {'>=' if size >= budget else '<'} cache budget"
     facts += f" {budget >> 20} MiB" + (
         " (no oneDNN in this torch build)" if size >= budget and kernel == "linear" else ""
@@ -201,11 +204,11 @@ def _lean(model: Any, *, batch: int, config: GenerationConfig, options: DecodeOp
     if forced == "screened-head" and screen is not None:
         raise ValueError(f"backend='screened-head': {screen}")
     if forced == "screened-head":
-        return Decision(forced, "forced", kernel=kernel, screen=True)
+        return Decision(forced, "forced", kernel=kernel, screen=True, forced=True)
     draft, draft_note = _draft_tokens(model, kernel=kernel, batch=batch, greedy=greedy, options=options)
     if draft:
         return Decision("speculative", f"{draft_note}; {facts}", kernel=kernel, screen=greedy and screen is None,
-                        draft_tokens=draft)  # fmt: skip
+                        draft_tokens=draft, forced=forced == "speculative")  # fmt: skip
     notes = [note for note in (draft_note, screen) if note]
     if not greedy:
         notes.append("sampling" if config.do_sample else "repetition penalty")
@@ -271,7 +274,7 @@ def select_backend(
     if decision.name == "beam":
         backend = BeamRunner(lm, **run, twins=None)
     elif decision.name in ("static", "compiled"):
-        compile_ = options.compile if options.compile is not False else decision.name == "compiled"
+        compile_ = (options.compile or True) if decision.name == "compiled" else False
         backend = StaticRunner(lm, **run, max_new_tokens=config.max_new_tokens, dtype=dtype or torch.float32,
                                options=dataclasses.replace(options, compile=compile_), pool=resources.pool)  # fmt: skip
     elif decision.name == "dynamic":
@@ -291,8 +294,8 @@ def _build_lean(
     step_model: Any = model
     if decision.kernel == "onednn":  # any size: ``decide`` chose the kernel
         step_model = onednn_twin(model, twins=twins, force=True)
-    forced = decision.reason == "forced"
-    head = screened_head(model, twins=twins, force=forced) if decision.screen else None
+    force = decision.forced and decision.name == "screened-head"
+    head = screened_head(model, twins=twins, force=force) if decision.screen else None
     reason = decision.reason
     if decision.screen and head is None:
         reason += "; no float16 screen: an output-layer weight is beyond float16's range"
