@@ -124,6 +124,8 @@ class VisionConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     # where the tower came from (informational; weights live in model.safetensors)
     source: str | None = None
+    # fused tower: one config per member tower, features concatenated per patch (hf_config {"model_type": "fused"})
+    towers: tuple[VisionConfig, ...] = ()
     # channel widths of a convolutional stem that replaces the tower's patch embedding (one stride-2 3x3 conv
     # each, so 2**len = patch size); empty = the tower's own single-convolution patch embedding
     conv_stem: tuple[int, ...] = ()
@@ -147,6 +149,10 @@ class VisionConfig:
         _require(len(self.image_std) == 3, "vision.image_std", "must have 3 values")
         _require(all(s > 0 for s in self.image_std), "vision.image_std", "must be positive")
         _require("model_type" in self.hf_config, "vision.hf_config", "must contain 'model_type'")
+        _require(len(self.towers) != 1, "vision.towers", "a fused tower needs at least two members")
+        for tower in self.towers:
+            _require(not tower.towers, "vision.towers", "a member cannot be a fused tower itself")
+            tower.validate()
         _require(
             all(isinstance(c, int) and c > 0 for c in self.conv_stem),
             "vision.conv_stem",
@@ -165,6 +171,7 @@ class ProjectorConfig:
     num_queries: int = 64  # resampler: output tokens per image, independent of the input count
     num_layers: int = 2  # resampler: cross-attention blocks
     num_heads: int = 8  # resampler: attention heads
+    shuffle_factor: int = 2  # pixel-shuffle: r, so r x r neighbouring tokens become one (r**2 fewer tokens)
 
     def validate(self) -> None:
         _require(bool(self.type), "projector.type", "must be a non-empty registry name")
@@ -172,6 +179,7 @@ class ProjectorConfig:
         _require(self.num_queries >= 1, "projector.num_queries", f"must be >= 1, got {self.num_queries}")
         _require(self.num_layers >= 1, "projector.num_layers", f"must be >= 1, got {self.num_layers}")
         _require(self.num_heads >= 1, "projector.num_heads", f"must be >= 1, got {self.num_heads}")
+        _require(self.shuffle_factor >= 1, "projector.shuffle_factor", f"must be >= 1, got {self.shuffle_factor}")
 
 
 @dataclass
