@@ -9,17 +9,42 @@ counts, slow clients, connection floods, runaway chat templates, shutdown).
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-import tiny
-from vlmkit.generation.config import GenerationConfig
-from vlmkit.processing.prompting import encode
+if not os.environ.get("CI"):  # CI installs the serve extras: there a missing package must fail, not skip
+    pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+import tiny  # noqa: E402
+from conftest import make_image, png_bytes  # noqa: E402
+from test_serving import (  # noqa: E402
+    GatedRunner,
+    LiveServer,
+    assert_error,
+    data_url,
+    image_part,
+    solid_png,
+    user,
+    wait_until,
+)
+from vlmkit.generation.config import GenerationConfig  # noqa: E402
+from vlmkit.processing.processor import Sample  # noqa: E402
+from vlmkit.processing.prompting import encode  # noqa: E402
+from vlmkit.serving.app import create_app  # noqa: E402
+from vlmkit.serving.connections import uvicorn_config  # noqa: E402
+from vlmkit.serving.limits import ServerSettings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,7 +158,6 @@ def test_typed_control_tokens_never_become_control_tokens(tokenizers, template):
 
 
 def test_ssrf_policy_refuses_every_special_purpose_range():
-    pytest.importorskip("httpx")
     from vlmkit.serving.fetch import is_public_address
 
     public = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2a00:1450:4001::1", "2002:808:808::1",
@@ -170,7 +194,6 @@ def _one_error_line(result: Any, contains: str) -> None:
 
 
 def test_serve_refuses_bad_device_and_non_ascii_key_before_listening(tiny_vlm_dir):
-    pytest.importorskip("uvicorn")
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -200,3 +223,204 @@ def test_cli_hostile_numbers_and_text_are_one_error_line(tiny_vlm_dir):
     _one_error_line(ask("-p", "hi", "--temperature", "1e-300"), "temperature must be")
     _one_error_line(ask("-p", "hi", "--temperature", "9" * 400), "temperature must be")
     _one_error_line(ask("-p", "hi \udcff"), "lone UTF-16 surrogate")  # an undecodable argv byte
+
+
+# ------------------------------------------------------------------------------- server resources (item 4)
+
+GEN = {"max_tokens": 4}
+
+
+class GuardedServer(LiveServer):
+    """``LiveServer`` run with the CLI's uvicorn configuration (connection limits included)."""
+
+    def __init__(self, app: Any, settings: ServerSettings) -> None:
+        super().__init__(app)
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn_config(app, settings=settings, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+
+def _serve_vlm(vlm: Any, **limits: Any) -> GuardedServer:
+    settings = ServerSettings(batch_wait_ms=0, **limits)
+    return GuardedServer(create_app(vlm, settings=settings), settings)
+
+
+def _post(url: str, body: dict[str, Any], *, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout, trust_env=False)
+
+
+def _post_later(url: str, body: dict[str, Any], results: list[Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            results.append(_post(url, body))
+        except httpx.HTTPError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _healthy(url: str) -> None:
+    start = time.monotonic()
+    assert httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
+    assert time.monotonic() - start < 2
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.slow
+def test_queued_images_are_shrunk_and_bounded_in_bytes(tiny_vlm):
+    """Three 9-megapixel PNGs per request (a few KB on the wire, 27 MB each decoded) wait behind a busy model:
+    what they hold is the tower's 32 x 32 input, counted against the image-memory limit; over it, 429."""
+    side = tiny_vlm.processor.image_processor.image_size
+    big = data_url(solid_png(3000, 3000))
+    per_request = 3 * (3 * side * side)
+    with _serve_vlm(tiny_vlm, max_batch=1, max_images=10, max_queued_image_bytes=3 * per_request) as server:
+        gated = GatedRunner(server.state.engine.runner)
+        server.state.engine.runner = gated
+        body = {"messages": user(*[image_part(big)] * 3, "What is it?"), **GEN}
+        rss_before = _rss_mib()
+        results: list[Any] = []
+        threads = [_post_later(server.url, body, results)]
+        assert gated.started.wait(20)
+        threads += [_post_later(server.url, body, results) for _ in range(2)]
+        memory = server.state.preparer.image_memory
+        wait_until(lambda: memory.used == 3 * per_request, timeout=30)
+        assert _rss_mib() - rss_before < 150  # full resolution would be 9 x 27 MB = 243 MB held
+        assert_error(_post(server.url, body), 429, "image_memory_full")
+        _healthy(server.url)
+        assert all(image.size == (side, side) for image in gated.seen[0].images)  # shrunk at decode
+        gated.gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert [r.status_code for r in results] == [200, 200, 200]
+        wait_until(lambda: memory.used == 0)  # every answer gave its bytes back
+        assert _post(server.url, body).status_code == 200
+        one_too_many = {"messages": user(*[image_part(big)] * 10, "?"), **GEN}
+        assert_error(_post(server.url, one_too_many), 400, "image_memory_exceeded")  # could never fit
+
+
+def test_shrunk_images_give_the_same_answer(tiny_vlm):
+    """Shrinking at decode is exact: the answer equals the Python API's on the full-resolution image."""
+
+    png = png_bytes(make_image(seed=3, size=(640, 480)))
+    with TestClient(create_app(tiny_vlm)) as http:
+        answer = http.post("/v1/chat/completions", json={"messages": user(image_part(data_url(png)), "What?"),
+                                                          "max_tokens": 12})  # fmt: skip
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    expected = tiny_vlm.generate([Sample(messages=[{"role": "user", "content": "<image>\nWhat?"}],
+                                         images=[image])], max_new_tokens=12).texts[0]  # fmt: skip
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == expected
+
+
+@pytest.mark.slow
+def test_message_and_part_counts_are_bounded_and_one_heavy_request_stalls_nobody(tiny_vlm):
+    with _serve_vlm(tiny_vlm, max_body_bytes=32 * 1024 * 1024) as server:
+        half_a_million = {"messages": [{"role": "user", "content": ""}] * 500_000, **GEN}
+        start = time.monotonic()
+        assert_error(_post(server.url, half_a_million), 400, "too_many_messages")
+        assert time.monotonic() - start < 10
+        parts = {"messages": user(*["x"] * 600), **GEN}
+        assert_error(_post(server.url, parts), 400, "too_many_content_parts")
+        # a request stuck in preparation holds one preparation thread; the others keep serving
+        preparer = server.state.preparer
+        release, entered = threading.Event(), threading.Event()
+        real = preparer._prepare_sync
+
+        def slow_when_heavy(request: Any, blobs: Any) -> Any:
+            if request.messages[0]["content"] == "heavy":
+                entered.set()
+                assert release.wait(30)
+            return real(request, blobs)
+
+        preparer._prepare_sync = slow_when_heavy
+        heavy: list[Any] = []
+        thread = _post_later(server.url, {"messages": user("heavy"), **GEN}, heavy)
+        assert entered.wait(20)
+        start = time.monotonic()
+        assert _post(server.url, {"messages": user("light"), **GEN}).status_code == 200
+        assert time.monotonic() - start < 10 and not heavy  # answered while the heavy one still prepares
+        release.set()
+        thread.join(30)
+        assert heavy[0].status_code == 200
+        _healthy(server.url)
+
+
+def _raw(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes:
+    """Everything the server sent until it closed the connection; fails if it stays open longer."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {seconds} s")
+    finally:
+        sock.close()
+    return received
+
+
+@pytest.mark.slow
+def test_slow_and_idle_clients_cannot_hold_the_server(tiny_vlm):
+    with _serve_vlm(tiny_vlm, header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=1.0,
+                    max_connections=20) as server:  # fmt: skip
+        silent = _raw(server.port)  # connects, sends nothing
+        trickle = _raw(server.port)  # sends its request head a byte at a time
+
+        def drip() -> None:
+            try:
+                for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n":
+                    trickle.send(bytes([byte]))
+                    time.sleep(0.2)
+            except OSError:
+                pass  # closed by the server, as it should be
+
+        threading.Thread(target=drip, daemon=True).start()
+        start = time.monotonic()
+        assert _closed_within(silent, 5) == b""
+        _closed_within(trickle, 5)
+        assert time.monotonic() - start < 5
+        slow_body = _raw(server.port)
+        slow_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"messages\": ")  # fmt: skip
+        answer = _closed_within(slow_body, 6)
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        # a flood of idle connections: the longest-idle ones are closed to make room, /health stays up
+        flood = [_raw(server.port) for _ in range(60)]
+        _healthy(server.url)
+        assert len(server.server.server_state.connections) <= 21
+        for sock in flood:
+            sock.close()
+        assert _post(server.url, {"messages": user("hi"), **GEN}).status_code == 200
+
+
+LOOPING_TEMPLATE = ("{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% for c in r %}{% endfor %}"
+                    "{% endfor %}{% endfor %}")  # fmt: skip
+MEMORY_BOMB_TEMPLATE = "{{ 'x' * 10000000000 }}"
+
+
+@pytest.mark.slow
+def test_runaway_chat_templates_are_bounded(tiny_vlm):
+    tokenizer = tiny_vlm.processor.tokenizer
+    original = tokenizer.chat_template
+    try:
+        for template, status, code in [(LOOPING_TEMPLATE, 500, "template_timeout"),
+                                       (MEMORY_BOMB_TEMPLATE, 400, "invalid_conversation")]:  # fmt: skip
+            tokenizer.chat_template = template
+            with _serve_vlm(tiny_vlm, template_timeout_s=1.0, prepare_threads=2) as server:
+                for _ in range(2):  # the second render gets a fresh worker
+                    start = time.monotonic()
+                    error = assert_error(_post(server.url, {"messages": user("hi"), **GEN}), status, code)
+                    assert time.monotonic() - start < 10, error
+                    _healthy(server.url)
+    finally:
+        tokenizer.chat_template = original

@@ -7,7 +7,9 @@ fails to load stops the server with exit code 2. Ctrl-C / SIGTERM finish in-flig
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,8 +27,37 @@ from vlmkit.cli.common import (
     load_model,
     note,
 )
+from vlmkit.serving.limits import MIB, ServerSettings
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_D = ServerSettings  # the defaults every limit option shows
+
+
+def _limit(flag: str, kind: type, text: str, *, low: float = 1) -> Any:
+    return Annotated[kind | None, typer.Option(flag, min=low, help=text, show_default=False)]
+
+
+MaxMessages = _limit("--max-messages", int, f"Most messages per request (default {_D.max_messages}).")
+MaxParts = _limit(
+    "--max-content-parts", int, f"Most content parts per request (default {_D.max_content_parts})."
+)
+PrepareThreads = _limit(
+    "--prepare-threads", int, f"Threads decoding images and tokenizing (default {_D.prepare_threads})."
+)
+QueuedImageMB = _limit("--max-queued-image-mb", int, "Decoded image memory held by queued requests, in MiB, "
+                       f"before 429 (default {_D.max_queued_image_bytes // MIB}).")  # fmt: skip
+TemplateTimeout = _limit("--template-timeout", float, "Seconds a chat template may take to render "
+                         f"(default {_D.template_timeout_s:g}).", low=0.01)  # fmt: skip
+HeaderTimeout = _limit("--header-timeout", float, "Seconds a client has to send its request head "
+                       f"(default {_D.header_timeout_s:g}).", low=0.01)  # fmt: skip
+BodyTimeout = _limit("--body-timeout", float, "Seconds a client has to send its request body "
+                     f"(default {_D.body_timeout_s:g}).", low=0.01)  # fmt: skip
+KeepAlive = _limit("--keep-alive", float, f"Seconds an idle connection stays open (default {_D.keep_alive_s:g}).",
+                   low=0.01)  # fmt: skip
+MaxConnections = _limit("--max-connections", int, "Open connections; beyond it the longest-idle one is closed "
+                        f"(default {_D.max_connections}).")  # fmt: skip
+ShutdownTimeout = _limit("--shutdown-timeout", float, "Seconds to finish in-flight requests on SIGTERM / Ctrl-C "
+                         f"(default {_D.shutdown_timeout_s:g}); the process exits regardless.", low=0)  # fmt: skip
 
 
 def serve_command(
@@ -57,6 +88,16 @@ def serve_command(
     ] = None,  # fmt: skip
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most requests per batch.")] = 8,
     queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Waiting requests before 429.")] = 64,
+    max_messages: MaxMessages = None,
+    max_content_parts: MaxParts = None,
+    prepare_threads: PrepareThreads = None,
+    max_queued_image_mb: QueuedImageMB = None,
+    template_timeout: TemplateTimeout = None,
+    header_timeout: HeaderTimeout = None,
+    body_timeout: BodyTimeout = None,
+    keep_alive: KeepAlive = None,
+    max_connections: MaxConnections = None,
+    shutdown_timeout: ShutdownTimeout = None,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -71,11 +112,14 @@ def serve_command(
     quantize: QuantizeOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
-    from vlmkit.serving.limits import ServerSettings
-
+    given = {"max_messages": max_messages, "max_content_parts": max_content_parts, "prepare_threads": prepare_threads,
+             "max_queued_image_bytes": None if max_queued_image_mb is None else max_queued_image_mb * MIB,
+             "template_timeout_s": template_timeout, "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
+             "keep_alive_s": keep_alive, "max_connections": max_connections, "shutdown_timeout_s": shutdown_timeout}  # fmt: skip
+    limits = {name: value for name, value in given.items() if value is not None}
     try:
         settings = ServerSettings(model_name=_model_name(model), api_key=api_key, max_batch=max_batch,
-                                  queue_size=queue_size, allow_url_hosts=tuple(allow_url_host or ()))  # fmt: skip
+                                  queue_size=queue_size, allow_url_hosts=tuple(allow_url_host or ()), **limits)  # fmt: skip
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     _check_model_dir(model)
@@ -104,6 +148,7 @@ def _run(sock: socket.socket, *, settings: Any, loader: Any) -> BaseException | 
     import uvicorn
 
     from vlmkit.serving.app import create_app
+    from vlmkit.serving.connections import uvicorn_config
 
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -114,9 +159,9 @@ def _run(sock: socket.socket, *, settings: Any, loader: Any) -> BaseException | 
             server.should_exit = True
 
     app = create_app(loader, settings=settings, on_load_error=load_failed)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-                            server_header=False)  # fmt: skip
-    server = _quiet_exit_server(uvicorn.Server)(config)
+    server = _quiet_exit_server(uvicorn.Server)(uvicorn_config(app, settings=settings, log_level="info"))
+    # draining waits up to shutdown_timeout_s for requests, then as long again for the model worker
+    server.force_exit_after_s = 2 * settings.shutdown_timeout_s + 10
     server.run(sockets=[sock])
     return failures[0] if failures else None
 
@@ -143,11 +188,23 @@ def _quiet_exit_server(base: type) -> type:
     that the CLI would report as an error); a server that drained cleanly should just exit 0."""
 
     class Server(base):  # type: ignore[misc, valid-type]
+        force_exit_after_s: float | None = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+            if self.force_exit_after_s is not None:  # shutdown always finishes, whatever is stuck
+                timer = threading.Timer(self.force_exit_after_s, _force_exit, args=(self.force_exit_after_s,))
+                timer.daemon = True
+                timer.start()
+                self.force_exit_after_s = None
 
     return Server
+
+
+def _force_exit(seconds: float) -> None:
+    note(f"error: shutdown did not finish within {seconds:g} s; exiting now")
+    os._exit(1)
 
 
 def _bind(*, host: str, port: int) -> socket.socket:

@@ -232,6 +232,19 @@ class ImageProcessor:
             pixels = np.asarray(self._square_resize(rgb))
         return torch.from_numpy(np.ascontiguousarray(self._normalise(pixels).transpose(2, 0, 1)))
 
+    def fit(self, image: Image.Image) -> Image.Image:
+        """The ``S x S`` RGB image the tower sees (resized, cropped or letterboxed by ``resize_mode``).
+
+        ``preprocess_one(fit(x))`` equals ``preprocess_one(x)`` bit for bit (each step is then a no-op), so a
+        server can shrink an image at decode time and never hold the full-resolution pixels.
+        """
+        rgb = image if image.mode == "RGB" else _to_rgb(image)
+        if self.resize_mode == "crop":
+            return Image.fromarray(np.ascontiguousarray(self._resize_and_crop(rgb)))
+        if self.resize_mode == "pad":
+            return self._square_resize(_expand_to_square(rgb, fill=self.pad_colour))
+        return self._square_resize(rgb)
+
     def _square_resize(self, image: Image.Image) -> Image.Image:
         return image.resize((self.image_size, self.image_size), resample=self.resample)
 

@@ -32,24 +32,26 @@ _POLL_S = 0.1
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
     engine, preparer = state.ready()
-    body = await read_body(request, limit=state.settings.max_body_bytes)
-    chat = parse_chat_request(parse_json(body), image_token=state.image_token,
-                              max_images=state.settings.max_images)  # fmt: skip
+    settings = state.settings
+    body = await read_body(request, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    chat = parse_chat_request(parse_json(body), image_token=state.image_token, max_images=settings.max_images,
+                              max_messages=settings.max_messages, max_parts=settings.max_content_parts)  # fmt: skip
     if chat.model not in (None, state.model_name):
         raise APIError(404, f"model {chat.model[:100]!r} does not exist; this server serves "
                        f"{state.model_name!r}", code="model_not_found", param="model")  # fmt: skip
     prepared = await preparer.prepare(chat)
     generation = {**chat.generation, "max_new_tokens": prepared.max_new_tokens}
-    job = Job(
-        sample=prepared.sample, generation=generation, stream=chat.stream, loop=asyncio.get_running_loop()
-    )
+    job = Job(sample=prepared.sample, generation=generation, stream=chat.stream, loop=asyncio.get_running_loop(),
+              on_end=prepared.release)  # fmt: skip
     try:
         engine.submit(job)
     except QueueFull:
+        prepared.release()
         raise APIError(
             429, "the server is busy (request queue full); retry shortly", code="queue_full"
         ) from None
     except EngineStopped:
+        prepared.release()
         raise APIError(503, "the server is shutting down", code="shutting_down") from None
     reply = _Reply(model=state.model_name, prepared=prepared, chat=chat)
     if chat.stream:
@@ -62,8 +64,17 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     return JSONResponse(reply.completion_body(completion))
 
 
-async def read_body(request: Request, *, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` (declared or received)."""
+async def read_body(request: Request, *, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (declared or received), and with
+    408 when it has not fully arrived ``timeout_s`` after the request head (a slow client holds nothing long)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit=limit), timeout=timeout_s)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       code="request_timeout") from None  # fmt: skip
+
+
+async def _read_body(request: Request, *, limit: int) -> bytes:
     too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:

@@ -86,6 +86,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     number: int = field(default_factory=lambda: next(_ids))
+    # called once when the job ends however it ends (answered, failed, cancelled): frees what the request held
+    on_end: Callable[[], None] | None = None
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -104,7 +106,13 @@ class Job:
         except RuntimeError:
             pass  # the loop is gone: nobody is listening any more
 
+    def end(self) -> None:
+        callback, self.on_end = self.on_end, None
+        if callback is not None:
+            callback()
+
     def finish(self, *, result: Completion | None = None, error: BaseException | None = None) -> None:
+        self.end()
         if self.stream:
             self.emit("done", result) if error is None else self.emit("error", error)
         elif not self.future.done():
@@ -288,6 +296,7 @@ class _OpenStream:
         """One delta; False once this stream is finished (its final event already sent)."""
         if self.job.cancelled.is_set():
             self._close()
+            self.job.end()
             engine.stats.cancelled += 1
             return False
         try:

@@ -1,9 +1,13 @@
 """Turn a validated ``ChatRequest`` into model input: images fetched/decoded, the prompt tokenized and counted.
 
 Work that can fail on user input happens here, before queueing, so a bad image or an over-long prompt is a
-400 for its own request and never reaches (or breaks) a batch. Decoding and tokenizing run on one helper
-thread: Pillow's bomb check swaps process-wide warning filters, and a Rust tokenizer must not be used from
-two threads at once, so the helper owns a private copy of the tokenizer (the model worker uses the original).
+400 for its own request and never reaches (or breaks) a batch. Decoding and tokenizing run on a small pool
+of daemon threads (``prepare_threads``), so one heavy request cannot stall the others; a Rust tokenizer must
+not be used from two threads at once, so each thread owns a private copy of the tokenizer (the model worker
+uses the original). Images are shrunk to what the vision tower sees as they are decoded (``S x S`` RGB, the
+same pixels ``ImageProcessor`` would produce from the full image), and the decoded bytes a request holds
+count against ``max_queued_image_bytes`` until its answer ends. A tokenizer's Jinja chat template renders in
+a worker process with a time and memory budget (``template.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import base64
 import binascii
 import copy
 import io
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +26,13 @@ from PIL import Image
 
 from vlmkit.processing.image import load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
+from vlmkit.processing.prompting import TOKENIZER_TEMPLATE
 from vlmkit.serving.errors import APIError, bad_request
 from vlmkit.serving.fetch import FetchError, URLFetcher
 from vlmkit.serving.limits import ServerSettings, base64_decoded_size, max_tokens_allowed
 from vlmkit.serving.request import ChatRequest, ImageRef
+from vlmkit.serving.template import RendererPool, TemplateRenderer, TemplateTimeout
+from vlmkit.serving.workers import ImageMemory, Reservation, WorkerPool
 
 # formats a browser or phone sends; everything else (EPS via Ghostscript, exotic decoders) is refused
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
@@ -39,10 +47,16 @@ class Prepared:
     sample: Sample
     prompt_tokens: int
     max_new_tokens: int
+    # the decoded images' bytes, held until the answer ends (released by the engine or on refusal)
+    images_held: Reservation | None = None
+
+    def release(self) -> None:
+        if self.images_held is not None:
+            self.images_held.release()
 
 
 class Preparer:
-    """Owns the helper thread, the tokenizer copy and the URL fetcher."""
+    """Owns the preparation threads (each with its tokenizer copy and template renderer) and the URL fetcher."""
 
     def __init__(
         self,
@@ -55,23 +69,45 @@ class Preparer:
         self.settings = settings
         self.fetcher = fetcher
         self.context_length = context_length
-        self.processor = VLMProcessor(
-            tokenizer=copy.deepcopy(processor.tokenizer),
-            image_processor=processor.image_processor,
-            prompt=processor.prompt,
-            num_image_tokens=processor.num_image_tokens,
+        self.processor = processor
+        self.image_memory = ImageMemory(settings.max_queued_image_bytes)
+        # AnyRes models cut tiles from the full image, so only fixed-size towers get images shrunk at decode
+        self.fit_images = getattr(processor, "anyres", None) is None
+        self._local = threading.local()
+        self._renderers: RendererPool | None = None
+        if processor.template == TOKENIZER_TEMPLATE:
+            tokenizer, timeout_s = processor.tokenizer, settings.template_timeout_s
+            self._renderers = RendererPool(make=lambda: TemplateRenderer.for_tokenizer(tokenizer, timeout_s=timeout_s),
+                                           size=settings.prepare_threads)  # fmt: skip
+            self._renderers.start()
+        self._pool = WorkerPool(
+            threads=settings.prepare_threads, name="vlmkit-prepare", initializer=self._setup
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-prepare")
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
+        if self._renderers is not None:
+            self._renderers.close()  # a render stuck in a runaway template ends now
 
     async def prepare(self, request: ChatRequest) -> Prepared:
-        """Cheap checks first, then fetch image bytes (async), then decode + tokenize on the helper thread."""
+        """Cheap checks first, then fetch image bytes (async), then decode + tokenize on a preparation thread."""
         self._check_before_work(request)
         blobs = [await self._image_bytes(ref) for ref in request.images]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._prepare_sync, request, blobs)
+        future = self._pool.submit(self._prepare_sync, request, blobs)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # client gone or shutdown: what the thread still produces is freed
+            future.add_done_callback(_release_unclaimed)
+            raise
+
+    def _setup(self) -> None:
+        """Per thread: a private processor (its own tokenizer copy; the template rendered by the shared pool)."""
+        processor = copy.copy(self.processor)
+        tokenizer = copy.deepcopy(self.processor.tokenizer)
+        processor.tokenizer = (
+            tokenizer if self._renderers is None else _BoundedTemplate(tokenizer, self._renderers)
+        )
+        self._local.processor = processor
 
     async def _image_bytes(self, ref: ImageRef) -> bytes:
         if ref.url.startswith("data:"):
@@ -85,19 +121,47 @@ class Preparer:
                           "them); file paths and file:// are never read", param=ref.param, code="invalid_image_url")  # fmt: skip
 
     def _prepare_sync(self, request: ChatRequest, blobs: list[bytes]) -> Prepared:
-        images = [
-            decode_image(blob, param=ref.param, max_pixels=self.settings.max_image_pixels)
+        """Headers, then the image-memory reservation, then decode (shrunk) and tokenize."""
+        opened = [
+            open_image(blob, param=ref.param, max_pixels=self.settings.max_image_pixels)
             for ref, blob in zip(request.images, blobs, strict=True)
         ]
-        sample = Sample(messages=request.messages, images=images)
+        held = self.image_memory.reserve(sum(self._decoded_bytes(image) for image in opened))
         try:
-            encoded = self.processor.encode_sample(sample, add_generation_prompt=True, with_labels=False)
+            images = [
+                self._decode(image, param=ref.param)
+                for ref, image in zip(request.images, opened, strict=True)
+            ]
+            sample = Sample(messages=request.messages, images=images)
+            prompt_tokens = len(self._encode(sample).input_ids)
+            return Prepared(sample=sample, prompt_tokens=prompt_tokens, images_held=held,
+                            max_new_tokens=self._max_new_tokens(request, prompt_tokens))  # fmt: skip
+        except BaseException:
+            held.release()
+            raise
+
+    def _encode(self, sample: Sample) -> Any:
+        processor: VLMProcessor = self._local.processor
+        try:
+            return processor.encode_sample(sample, add_generation_prompt=True, with_labels=False)
+        except TemplateTimeout as exc:  # the model's template, not the request: a 500 that says what happened
+            raise APIError(500, f"{exc}; the request was abandoned", code="template_timeout") from None
         except _template_errors() as exc:  # the conversation's fault (roles out of order, ...)
             raise bad_request(f"the conversation cannot be rendered with this model's prompt template "
                               f"({_first_line(exc)})", param="messages", code="invalid_conversation") from None  # fmt: skip
-        prompt_tokens = len(encoded.input_ids)
-        return Prepared(sample=sample, prompt_tokens=prompt_tokens,
-                        max_new_tokens=self._max_new_tokens(request, prompt_tokens))  # fmt: skip
+
+    def _decoded_bytes(self, image: Image.Image) -> int:
+        """RGB bytes the decoded image will hold: ``S x S`` when shrunk at decode, else its full size."""
+        if self.fit_images:
+            side = self.processor.image_processor.image_size
+            return 3 * side * side
+        return 3 * image.width * image.height
+
+    def _decode(self, image: Image.Image, *, param: str) -> Image.Image:
+        with image:
+            decoded = decode_opened(image, param=param, max_pixels=self.settings.max_image_pixels)
+        # the full-resolution pixels are dropped here, before the request waits anywhere
+        return self.processor.image_processor.fit(decoded) if self.fit_images else decoded
 
     def _check_before_work(self, request: ChatRequest) -> None:
         """Limits that need no image or tokenizer: refused before any fetching or decoding."""
@@ -144,21 +208,61 @@ def decode_data_url(url: str, *, param: str, max_bytes: int) -> bytes:
 
 def decode_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
     """Header first (format allowlist, pixel count), then the full decode via ``load_image``."""
+    with open_image(data, param=param, max_pixels=max_pixels) as image:
+        return decode_opened(image, param=param, max_pixels=max_pixels)
+
+
+def open_image(data: bytes, *, param: str, max_pixels: int) -> Image.Image:
+    """The lazily opened image: only its header is read (format allowlist, pixel count checked)."""
     try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # lazy: reads the header only
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         raise _too_many_pixels(param, max_pixels) from None
     except Exception:  # noqa: BLE001 - any failure to read a header is the image's fault
         raise bad_request(f"{param}: not a readable image (supported: {', '.join(IMAGE_FORMATS)})",
                           param=param, code="invalid_image") from None  # fmt: skip
-    with image:
-        if image.width * image.height > max_pixels:
-            raise _too_many_pixels(param, max_pixels)
-        try:
-            return load_image(image, max_pixels=max_pixels)
-        except Exception:  # noqa: BLE001 - ImageLoadError or any decoder error: the image's fault
-            raise bad_request(f"{param}: the image data is corrupt, truncated or unsupported", param=param,
-                              code="invalid_image") from None  # fmt: skip
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise _too_many_pixels(param, max_pixels)
+    return image
+
+
+def decode_opened(image: Image.Image, *, param: str, max_pixels: int) -> Image.Image:
+    try:
+        return load_image(image, max_pixels=max_pixels)
+    except Exception:  # noqa: BLE001 - ImageLoadError or any decoder error: the image's fault
+        raise bad_request(f"{param}: the image data is corrupt, truncated or unsupported", param=param,
+                          code="invalid_image") from None  # fmt: skip
+
+
+def _release_unclaimed(future: Future[Prepared]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
+
+
+class _BoundedTemplate:
+    """The tokenizer, with ``apply_chat_template`` rendered in a worker process (time / memory budget)."""
+
+    def __init__(self, tokenizer: Any, renderer: RendererPool) -> None:
+        self._tokenizer = tokenizer
+        self._renderer = renderer
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]],
+        *,
+        tokenize: bool = False,
+        add_generation_prompt: bool = False,
+    ) -> str:
+        if tokenize:
+            raise TypeError("only tokenize=False is supported here")
+        return self._renderer.render(conversation, add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
 
 
 def _too_many_pixels(param: str, max_pixels: int) -> APIError:

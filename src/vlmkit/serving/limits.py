@@ -41,12 +41,30 @@ class ServerSettings:
     max_tokens_limit: int | None = None
     fetch_timeout_s: float = 10.0
     max_redirects: int = 3
-    # seconds uvicorn waits for in-flight requests on shutdown
+    # seconds uvicorn waits for in-flight requests on shutdown (then the process exits regardless)
     shutdown_timeout_s: float = 30.0
+    # request shape: messages per request, content parts (text + image) over all its messages
+    max_messages: int = 256
+    max_content_parts: int = 512
+    # threads decoding images and tokenizing (each with its own tokenizer copy): one heavy request takes one
+    prepare_threads: int = 4
+    # decoded image bytes held by requests being prepared, queued or answered (images are shrunk to the
+    # tower's input size at decode, 3*S*S bytes each); beyond it requests are answered 429
+    max_queued_image_bytes: int = 512 * MIB
+    # a tokenizer's Jinja chat template must render within this (else 500 template_timeout, worker killed)
+    template_timeout_s: float = 5.0
+    # slow clients: the request head must arrive within header_timeout_s of the connection's (or the previous
+    # answer's) start, the body within body_timeout_s of the head; idle keep-alive connections close after
+    # keep_alive_s; beyond max_connections the longest-idle connection is closed to make room
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "queue_size", "max_body_bytes", "max_image_bytes", "max_image_pixels",
-                    "default_max_tokens", "max_redirects")  # fmt: skip
+                    "default_max_tokens", "max_redirects", "max_messages", "max_content_parts", "prepare_threads",
+                    "max_queued_image_bytes", "max_connections")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if (
@@ -61,6 +79,10 @@ class ServerSettings:
             raise ValueError(
                 "batch_wait_ms, fetch_timeout_s and shutdown_timeout_s must be >= 0 (timeout > 0)"
             )
+        for name in ("template_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 86_400:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         if self.api_key is not None:
             _check_api_key(self.api_key)
         for entry in self.allow_url_hosts:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,15 +48,24 @@ class ChatRequest:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object (NaN / Infinity, absurd nesting and text that is not Unicode are refused)."""
+    """The body as a JSON object (NaN / Infinity, absurd nesting and text that is not Unicode are refused).
+
+    The body must be UTF-8 (RFC 8259; strict decoding refuses encoded surrogates), so a lone surrogate can only
+    come from a ``\\uD800``-style escape: only a body containing one has its strings walked to name the field.
+    """
     try:
-        data = json.loads(body, parse_constant=_no_constants)
+        text = body.decode("utf-8-sig")
+        data = json.loads(text, parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    _check_strings(data)
+    if _SURROGATE_ESCAPE.search(text):
+        _check_strings(data)
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _check_strings(data: Any) -> None:
@@ -85,9 +95,12 @@ def _no_constants(name: str) -> None:
     raise ValueError(name)
 
 
-def parse_chat_request(data: dict[str, Any], *, image_token: str, max_images: int) -> ChatRequest:
+def parse_chat_request(
+    data: dict[str, Any], *, image_token: str, max_images: int, max_messages: int = 256, max_parts: int = 512
+) -> ChatRequest:
     """Check every field we use; unknown fields are ignored (clients send many) unless we cannot honour them."""
     _refuse_unsupported(data)
+    _check_shape(data.get("messages"), max_messages=max_messages, max_parts=max_parts)
     messages, images = _messages(data.get("messages"), image_token=image_token)
     if len(images) > max_images:
         raise bad_request(f"too many images: {len(images)} given, at most {max_images} per request",
@@ -107,6 +120,22 @@ def parse_chat_request(data: dict[str, Any], *, image_token: str, max_images: in
         include_usage=_include_usage(data),
         model=model,
     )
+
+
+def _check_shape(value: Any, *, max_messages: int, max_parts: int) -> None:
+    """Message and content-part counts, before any message is looked at: rendering and tokenizing grow with
+    them (half a million empty messages would otherwise occupy a preparation thread for many seconds)."""
+    if not isinstance(value, list):
+        return  # _messages names the problem
+    if len(value) > max_messages:
+        raise bad_request(f"too many messages: {len(value)} given, at most {max_messages} per request",
+                          param="messages", code="too_many_messages")  # fmt: skip
+    parts = sum(
+        len(m["content"]) for m in value if isinstance(m, dict) and isinstance(m.get("content"), list)
+    )
+    if parts > max_parts:
+        raise bad_request(f"too many content parts: {parts} given, at most {max_parts} per request",
+                          param="messages", code="too_many_content_parts")  # fmt: skip
 
 
 def _refuse_unsupported(data: dict[str, Any]) -> None:

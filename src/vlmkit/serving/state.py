@@ -18,6 +18,7 @@ from vlmkit.serving.fetch import URLFetcher
 from vlmkit.serving.inputs import Preparer, context_length_of
 from vlmkit.serving.limits import ServerSettings
 from vlmkit.serving.metrics import Metrics, find_cache_stats
+from vlmkit.serving.template import prewarm
 
 if TYPE_CHECKING:
     from vlmkit.api import VLM
@@ -57,6 +58,7 @@ class ServerState:
         if model is not None and not isinstance(model, str | Path) and not callable(model):
             self.attach(model)
             return
+        prewarm()  # a chat-template worker starts while the model loads
         threading.Thread(target=self._load, args=(model,), name="vlmkit-load", daemon=True).start()
 
     def _load(self, source: str | Path | Callable[[], VLM] | None) -> None:
