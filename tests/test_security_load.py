@@ -19,14 +19,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vlmkit.api import VLM
 from vlmkit.cli.main import app
 from vlmkit.config import ConfigError, json_depth, parse_json, read_json
+from vlmkit.data.dataset import ConversationDataset, DataError, Example, Skipped, parse_record, read_records
 from vlmkit.models.budget import MEMORY_LIMIT_ENV, config_parts, estimate
 from vlmkit.models.io import ModelDirError, read_weights
+from vlmkit.processing.prompting import IGNORE_INDEX
+from vlmkit.training.config import StageConfig, TrainConfig
+from vlmkit.training.session import train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vlmkit"
 # the evil module writes this marker when imported: its existence means code from the model dir ran
@@ -77,8 +82,6 @@ def plant_code(directory: Path, *, marker: Path, file: str) -> None:
 
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory) -> Path:
-    from PIL import Image
-
     path = tmp_path_factory.mktemp("pictures") / "red.png"
     Image.new("RGB", (40, 30), (220, 20, 20)).save(path)
     return path
@@ -388,3 +391,168 @@ def test_config_errors_exit_2_with_one_line(case, tiny_vlm_dir, tmp_path, pictur
     assert result.exit_code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("error:") and "internal error" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- 3. training on bad records
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+def record(
+    rid: str, *, image: str | None = "red.png", question: str = "What colour is it?", answer: str = "red"
+):
+    human = f"<image>\n{question}" if image else question
+    raw = {"id": rid, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+    return raw | ({"image": image} if image else {})
+
+
+def write_data(folder: Path, records: list[dict], name: str = "train.jsonl") -> Path:
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder / name
+
+
+@pytest.fixture
+def pictures(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (32, 32), rgb).save(folder / f"{name}.png")
+    return folder
+
+
+def train_config(data: Path, out: Path, **kwargs) -> TrainConfig:
+    options = dict(
+        batch_size=2, max_steps=2, warmup_ratio=0.0, progress=False, plot=False, image_folder=data.parent
+    )
+    return TrainConfig(data=data, out=out, stage=StageConfig(stage="projector"), **(options | kwargs))
+
+
+def dataset(vlm, records: list[dict], folder: Path, **kwargs) -> ConversationDataset:
+    parsed = [parse_record(r, position=str(i)) for i, r in enumerate(records)]
+    return ConversationDataset(parsed, processor=vlm.processor, image_folder=folder, **kwargs)
+
+
+def test_a_10mb_record_without_max_length_is_skipped_in_bounded_time(tiny_vlm_dir, pictures, tmp_path):
+    """No --max-length: the default comes from the LM (512 positions); the 10 MB record is measured from its
+    characters, never tokenized whole, skipped and counted, and the run trains on the rest."""
+    huge = record("huge", answer="red blue " * (10 * 2**20 // 9))
+    data = write_data(
+        pictures, [record("a"), huge, record("b", image="blue.png", answer="blue"), record("c")]
+    )
+    start = time.perf_counter()
+    result = train(VLM.from_pretrained(tiny_vlm_dir), train_config(data, tmp_path / "out"))
+    assert time.perf_counter() - start < 60
+    assert set(result.skipped) == {"huge"} and "more than 512 tokens" in result.skipped["huge"]
+    assert result.steps == 2 and result.tokens > 0
+
+
+def test_too_long_records_are_truncated_or_skipped_and_counted(tiny_vlm_dir, pictures):
+    vlm = VLM.from_pretrained(tiny_vlm_dir)
+    long_answer = record("long-answer", answer="red " * 300)  # cut: the answer's start stays
+    late_image = record(
+        "late-image", image="red.png", question="tell me " * 300
+    )  # the cut would drop the image
+    late_answer = {"id": "late-answer", "conversations": [{"from": "human", "value": "words " * 300},
+                                                          {"from": "gpt", "value": "red"}]}  # fmt: skip
+    late_image["conversations"][0]["value"] = "tell me " * 300 + "<image>"
+    records = [record("short"), long_answer, late_image, late_answer]
+    skip = dataset(vlm, records, pictures, max_length=48, too_long="skip")
+    skip.validate()
+    assert sorted(skip.skipped()) == ["late-answer", "late-image", "long-answer"] and skip.truncated == 0
+    cut = dataset(vlm, records, pictures, max_length=48, too_long="truncate")
+    cut.validate()
+    assert sorted(cut.skipped()) == ["late-answer", "late-image"] and cut.truncated == 1
+    assert "cut an image" in cut.skipped()["late-image"] and "no answer token" in cut.skipped()["late-answer"]
+    example = cut[1]
+    assert len(example.input_ids) == 48 and (example.labels[1:] != IGNORE_INDEX).any()
+    assert len(cut[0].input_ids) < 48 and isinstance(cut[2], Skipped)
+
+
+def test_a_record_only_the_template_rejects_fails_before_step_one(tiny_vlm_dir, pictures, tmp_path):
+    vlm = VLM.from_pretrained(tiny_vlm_dir)
+    vlm.tokenizer.chat_template = (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no forbidden words') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    )
+    records = [record(str(i)) for i in range(6)] + [record("bad", answer="a forbidden word")]
+    data = write_data(pictures, records)
+    with pytest.raises(DataError, match=r"record 'bad'.*no forbidden words"):
+        train(vlm, train_config(data, tmp_path / "out", max_steps=20))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # found at validation: no step ran
+
+
+def test_a_run_where_every_record_is_skipped_is_an_error(tiny_vlm_dir, pictures, tmp_path):
+    (pictures / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    missing = write_data(pictures, [record(str(i), image="gone.png") for i in range(4)], name="missing.jsonl")
+    with pytest.raises(DataError, match="all 4 records would be skipped.*image not found"):
+        train(VLM.from_pretrained(tiny_vlm_dir), train_config(missing, tmp_path / "a"))
+    corrupt = write_data(
+        pictures, [record(str(i), image="broken.png") for i in range(4)], name="corrupt.jsonl"
+    )
+    args = ["train", "--data", corrupt, "--image-folder", pictures, "--out", tmp_path / "b", "--model", tiny_vlm_dir,
+            "--max-steps", "2", "--batch-size", "2"]  # fmt: skip
+    result = run_cli(*args)
+    assert result.exit_code == 2, result.output
+    assert "error: no record could be trained on" in result.stderr and "saved" not in result.output
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_images_outside_the_image_folder_are_refused_unless_allowed(kind, tiny_vlm_dir, pictures, tmp_path):
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(outside)
+    name = {"dotdot": "../secret.png", "absolute": str(outside), "symlink": "link.png"}[kind]
+    if kind == "symlink":
+        (pictures / "link.png").symlink_to(outside)
+    vlm = VLM.from_pretrained(tiny_vlm_dir)
+    refused = dataset(vlm, [record("ok"), record("escape", image=name)], pictures)
+    with pytest.raises(
+        DataError, match=r"record 'escape': image .* outside the image folder .*allow-outside-images"
+    ):
+        refused.validate()
+    allowed = dataset(vlm, [record("ok"), record("escape", image=name)], pictures, allow_outside_images=True)
+    allowed.validate()
+    assert isinstance(allowed[1], Example)
+
+
+def test_cli_refuses_an_escaping_image_with_one_line(tiny_vlm_dir, pictures, tmp_path):
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "secret.png")
+    data = write_data(pictures, [record("a"), record("b", image="../secret.png")])
+    base = ["train", "--data", data, "--image-folder", pictures, "--model", tiny_vlm_dir, "--max-steps", "1"]
+    result = run_cli(*base, "--out", tmp_path / "o1")
+    assert (
+        result.exit_code == 2
+        and result.stderr.count("error:") == 1
+        and "--allow-outside-images" in result.stderr
+    )
+    assert run_cli(*base, "--out", tmp_path / "o2", "--allow-outside-images").exit_code == 0
+
+
+def test_deeply_nested_training_data_is_a_data_error(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        read_records(tmp_path / "deep.json")
+    (tmp_path / "deep.jsonl").write_text('{"id": 1}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(DataError, match="line 2: JSON nested too deeply"):
+        read_records(tmp_path / "deep.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------- 6. resume
+
+
+def test_resume_after_a_kill_before_the_first_checkpoint_does_not_duplicate_metrics(
+    tiny_vlm_dir, pictures, tmp_path
+):
+    data = write_data(pictures, [record(str(i)) for i in range(8)])
+    out = tmp_path / "run"
+
+    def killed(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt  # like a kill: no checkpoint was ever written (save_every=0)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(VLM.from_pretrained(tiny_vlm_dir), train_config(data, out, max_steps=4), on_step=killed)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    train(VLM.from_pretrained(tiny_vlm_dir), train_config(data, out, max_steps=4, resume=True))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

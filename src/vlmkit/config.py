@@ -398,7 +398,7 @@ def parse_json(
         limit = max_depth or "about 1,000"
         raise error(f"{where}: JSON nested too deeply (at most {limit} levels)") from None
     except ValueError as exc:  # JSONDecodeError, and int() refusing thousands of digits
-        raise error(f"{where}: not valid JSON ({exc})") from None
+        raise error(f"{where} is not valid JSON ({exc})") from None
     if max_depth is not None and json_depth(data, limit=max_depth) > max_depth:
         raise error(f"{where}: JSON nested more than {max_depth} levels deep")
     return data

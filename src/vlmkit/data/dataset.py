@@ -9,21 +9,29 @@ right-pads a micro-batch and carries the skipped markers along for counting.
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
+from vlmkit.config import parse_json
 from vlmkit.processing.image import ImageLoadError, load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
-from vlmkit.processing.prompting import IGNORE_INDEX
+from vlmkit.processing.prompting import IGNORE_INDEX, EncodedPrompt, encode
 from vlmkit.processing.tiling import TileLayout
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TOKEN = "<image>"
+TOO_LONG = ("skip", "truncate")  # what happens to a record longer than the maximum length
+# the default maximum length is the LM's max positions, at most this (LLaVA-NeXT trains at 4096): one 10 MB
+# record must not become a sequence whose logits alone need terabytes
+DEFAULT_MAX_LENGTH = 4096
+# what a chat template raises on a conversation it rejects (jinja's raise_exception is a TemplateError)
+TEMPLATE_ERRORS = (ValueError, TypeError, TemplateError)
 
 
 class DataError(ValueError):
@@ -105,10 +113,7 @@ def _load_raw(source: Path) -> list[tuple[str, Any]]:
     """-> [(position for messages, raw object)] from a JSON array or one JSON object per line."""
     text = source.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{source}: not valid JSON ({exc})") from None
+        data = parse_json(text, where=str(source), error=DataError, max_depth=None)
         if not isinstance(data, list):
             raise DataError(f"{source}: expected a JSON array of records or JSONL")
         return [(str(i), raw) for i, raw in enumerate(data)]
@@ -116,10 +121,8 @@ def _load_raw(source: Path) -> list[tuple[str, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            rows.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{source}: line {number} is not valid JSON ({exc})") from None
+        rows.append((f"line {number}", parse_json(line, where=f"{source}: line {number}", error=DataError,
+                                                  max_depth=None)))  # fmt: skip
     return rows
 
 
@@ -175,7 +178,13 @@ def _message(turn: Any, *, at: str) -> dict[str, str]:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Records -> ``Example`` (or ``Skipped`` for a missing/corrupt image or an over-long sequence)."""
+    """Records -> ``Example`` (or ``Skipped`` for a missing/corrupt image or an over-long sequence).
+
+    ``validate()`` (the trainer calls it before step 1) renders every record's chat template and measures it,
+    so a record the template rejects fails the run before training, and one longer than ``max_length`` is
+    skipped or cut (``too_long``) and counted. Image paths must stay inside ``image_folder`` (after symlinks)
+    unless ``allow_outside_images``.
+    """
 
     def __init__(
         self,
@@ -184,50 +193,166 @@ class ConversationDataset(torch.utils.data.Dataset):
         processor: VLMProcessor,
         image_folder: str | Path | None = None,
         max_length: int | None = None,
+        too_long: str = "skip",
+        allow_outside_images: bool = False,
     ) -> None:
+        if too_long not in TOO_LONG:
+            raise DataError(f"too_long must be one of {', '.join(TOO_LONG)}, got {too_long!r}")
         self.records = list(records)
         self.processor = processor
         self.image_folder = Path(image_folder).expanduser() if image_folder is not None else Path.cwd()
         self.max_length = max_length
+        self.too_long = too_long
+        self.allow_outside_images = allow_outside_images
+        self.skip_reasons: dict[int, str] = {}  # found by validate(): never loaded
+        self.truncated = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
     def image_path(self, name: str) -> Path:
-        return self.image_folder / Path(name).expanduser()
+        """``name`` under the image folder; a path that leaves it (``../``, absolute, a symlink out) is refused."""
+        path = self.image_folder / Path(name).expanduser()
+        if not self.allow_outside_images:
+            root, resolved = self.image_folder.resolve(), path.resolve()
+            if not resolved.is_relative_to(root):
+                raise DataError(
+                    f"image {name!r} resolves to {resolved}, outside the image folder {root}; fix the data or "
+                    "pass --allow-outside-images to read it"
+                )
+        return path
+
+    def validate(self) -> None:
+        """Check every record before training: image paths, template rendering, length (see the class doc)."""
+        for index, record in enumerate(self.records):
+            try:
+                missing = [str(p) for p in map(self.image_path, record.images) if not p.is_file()]
+            except DataError as exc:
+                raise DataError(f"record {record.id!r}: {exc}") from None
+            if missing:
+                self.skip_reasons[index] = f"image not found: {missing[0]}"
+                continue
+            fitted = self._prepare(record, num_image_tokens=self.processor.num_image_tokens)
+            if isinstance(fitted, str):
+                self.skip_reasons[index] = fitted
+            elif fitted[1]:
+                self.truncated += 1
+        if len(self.skip_reasons) == len(self.records):
+            first = next(iter(self.skip_reasons.items()))
+            raise DataError(
+                f"all {len(self.records)} records would be skipped, nothing to train on (first: record "
+                f"{self.records[first[0]].id!r}: {first[1]})"
+            )
+
+    def skipped(self) -> dict[str, str]:
+        """Record id -> reason, for the records ``validate`` left out."""
+        return {self.records[i].id: reason for i, reason in self.skip_reasons.items()}
+
+    def _prepare(self, record: Record, *, num_image_tokens: Any) -> tuple[EncodedPrompt, bool] | str:
+        """-> (tokens and labels within ``max_length``, whether they were cut), or the reason to skip the record."""
+        messages = self._within_reach(record)
+        if isinstance(messages, str):
+            return messages
+        encoded = self._encode(record, messages=messages, num_image_tokens=num_image_tokens)
+        fitted = self._fit(encoded)
+        if isinstance(fitted, str):
+            return fitted
+        return fitted, fitted is not encoded or messages is not record.messages
+
+    @functools.cached_property
+    def _chars_per_token(self) -> int:
+        """The longest token in characters: a text of n characters is at least n / this many tokens."""
+        return max(1, max(map(len, self.processor.tokenizer.get_vocab()), default=1))
+
+    def _within_reach(self, record: Record) -> list[dict[str, str]] | str:
+        """The messages cut to what ``max_length`` tokens can cover at most (``max_length`` x the longest token),
+        so a 10 MB record is never rendered or tokenized whole; in "skip" mode such a record is skipped now."""
+        limit, total = self.max_length, sum(len(m["content"]) for m in record.messages)
+        if limit is None or total <= limit * self._chars_per_token:
+            return record.messages
+        too_long = f"{total:,} characters, more than {limit} tokens (max length) can hold"
+        if self.too_long == "skip":
+            return too_long
+        kept, left = [], limit * self._chars_per_token
+        for message in record.messages:
+            kept.append({**message, "content": message["content"][:left]})
+            left -= len(kept[-1]["content"])
+            if left <= 0:  # the window is full: later turns could never be reached
+                break
+        token = self.processor.prompt.image_token
+        if sum(m["content"].count(token) for m in kept) != len(record.images):
+            return f"{too_long}, and cutting it would cut an image"
+        return kept
+
+    def _encode(
+        self, record: Record, *, messages: list[dict[str, str]], num_image_tokens: Any
+    ) -> EncodedPrompt:
+        """Tokens and labels of a record; a conversation the chat template rejects is a ``DataError``."""
+        processor = self.processor
+        try:
+            return encode(messages, tokenizer=processor.tokenizer, template=processor.template,
+                          image_token=processor.prompt.image_token, num_image_tokens=num_image_tokens,
+                          system=processor.prompt.system, add_generation_prompt=False, with_labels=True)  # fmt: skip
+        except TEMPLATE_ERRORS as exc:
+            raise DataError(f"record {record.id!r}: field 'conversations' cannot be encoded: {exc}") from None
+
+    def _fit(self, encoded: EncodedPrompt) -> EncodedPrompt | str:
+        """``encoded`` within ``max_length``: as is, cut (``too_long="truncate"``), or the reason it is skipped.
+
+        A cut must keep every image token (a partial image cannot be fed) and at least one target token."""
+        limit, length = self.max_length, len(encoded.input_ids)
+        if limit is None or length <= limit:
+            return encoded
+        too_long = f"{length} tokens > max length {limit}"
+        if self.too_long == "skip":
+            return too_long
+        image_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.prompt.image_token)
+        ids, labels = encoded.input_ids[:limit], (encoded.labels or [])[:limit]
+        if ids.count(image_id) != encoded.input_ids.count(image_id):
+            return f"{too_long}, and cutting it would cut an image"
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            return f"{too_long}, and no answer token is left within it"
+        return EncodedPrompt(input_ids=ids, labels=labels, num_images=encoded.num_images)
 
     def __getitem__(self, index: int) -> Example | Skipped:
         record = self.records[index]
+        if index in self.skip_reasons:
+            return Skipped(id=record.id, reason=self.skip_reasons[index])
         try:
             pil = [load_image(self.image_path(name)) for name in record.images]
         except ImageLoadError as exc:
             return Skipped(id=record.id, reason=str(exc))
-        layouts = self.processor.image_layouts(pil)  # AnyRes: each image's tiling; else None
-        try:
-            encoded = self.processor.encode_sample(
-                Sample(messages=record.messages, images=pil), add_generation_prompt=False, with_labels=True,
-                layouts=layouts,
-            )
-        except ValueError as exc:  # e.g. a template that cannot render this conversation
-            raise DataError(f"record {record.id!r}: field 'conversations' cannot be encoded: {exc}") from None
-        if self.max_length is not None and len(encoded.input_ids) > self.max_length:
-            return Skipped(
-                id=record.id, reason=f"{len(encoded.input_ids)} tokens > max length {self.max_length}"
-            )
+        sample = Sample(messages=record.messages, images=pil)
+        layouts = self.processor.image_layouts(sample.images)
+        prepared = self._prepare(record, num_image_tokens=self.processor.token_counts(layouts))
+        if isinstance(prepared, str):
+            return Skipped(id=record.id, reason=prepared)
+        fitted = prepared[0]
         size = self.processor.image_processor.image_size
         if layouts is not None:  # AnyRes: each image's base view and tiles
             anyres = self.processor.anyres
-            tiles = [anyres.preprocess(im, tiled=lay.grid != (0, 0)) for im, lay in zip(pil, layouts, strict=True)]
+            tiles = [
+                anyres.preprocess(im, tiled=lay.grid != (0, 0)) for im, lay in zip(pil, layouts, strict=True)
+            ]
             pixels = list(torch.cat(tiles)) if tiles else []
         else:
             pixels = [self.processor.image_processor.preprocess_one(image) for image in pil]
         return Example(
             id=record.id,
-            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
-            labels=torch.tensor(encoded.labels, dtype=torch.long),
+            input_ids=torch.tensor(fitted.input_ids, dtype=torch.long),
+            labels=torch.tensor(fitted.labels, dtype=torch.long),
             pixel_values=torch.stack(pixels) if pixels else torch.empty((0, 3, size, size)),
             image_layouts=list(layouts or []),
         )
+
+
+def default_max_length(lm_config: Any) -> int:
+    """The maximum record length when none is given: the LM's max positions, at most ``DEFAULT_MAX_LENGTH``."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(lm_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, DEFAULT_MAX_LENGTH)
+    return DEFAULT_MAX_LENGTH
 
 
 def collate(items: Sequence[Example | Skipped], *, pad_token_id: int, image_size: int) -> Batch:

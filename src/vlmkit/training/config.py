@@ -143,7 +143,16 @@ class TrainConfig:
     )  # used only while the tower is frozen
     feature_cache_dir: Path | None = setting(None, doc="Default: OUT/feature_cache.")
     workers: int = setting(0, doc="Data-loading processes.", low=0)
-    max_length: int | None = setting(None, doc="Skip longer samples.", low=8)
+    max_length: int | None = setting(
+        None, doc="Longest record in tokens (default: the LM's max positions, at most 4096).", low=8
+    )
+    too_long: str = setting(
+        "skip", doc="A record longer than --max-length is skipped or truncated (and counted).",
+        choices=("skip", "truncate"),
+    )  # fmt: skip
+    allow_outside_images: bool = setting(
+        False, doc="Read images outside --image-folder (../, absolute paths, symlinks); refused by default."
+    )
     shuffle: bool = setting(True, doc="Shuffle the records every epoch.", negation="--no-shuffle")
     progress: bool = setting(True, doc="Show a progress bar on stderr.", negation="--no-progress")
     plot: bool = setting(

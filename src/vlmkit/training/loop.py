@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.data.dataset import Batch, ConversationDataset, collate, read_records
+from vlmkit.data.dataset import Batch, ConversationDataset, Record, collate, default_max_length, read_records
 from vlmkit.models.language.protocols import lm_module
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.prompting import IGNORE_INDEX
@@ -136,7 +136,7 @@ class Trainer:
             self.wrapped, self.optimizer = self.accelerator.prepare(self.token_loss, self._optimizer())
         self.cache = self._feature_cache()
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, str] = self.dataset.skipped()  # found before step 1
         self.last_loss: float | None = None
         self.last_eval: float | None = None
 
@@ -184,8 +184,7 @@ class Trainer:
         config = self.config
         records = read_records(config.data)
         folder = config.image_folder if config.image_folder is not None else Path(config.data).parent
-        self.dataset = ConversationDataset(records, processor=self.vlm.processor, image_folder=folder,
-                                           max_length=config.max_length)  # fmt: skip
+        self.dataset = self._dataset(records, folder=folder)
         self.layout = BatchLayout(size=len(records), batch_size=config.batch_size, grad_accum=config.grad_accum,
                                   world=self.world, rank=self.rank, seed=config.seed, shuffle=config.shuffle)  # fmt: skip
         per_epoch = len(records) / self.layout.global_batch
@@ -199,8 +198,16 @@ class Trainer:
         self.eval_dataset = None
         if config.eval_data is not None:
             eval_folder = config.eval_image_folder or (config.image_folder or Path(config.eval_data).parent)
-            self.eval_dataset = ConversationDataset(read_records(config.eval_data), processor=self.vlm.processor,
-                                                    image_folder=eval_folder, max_length=config.max_length)  # fmt: skip
+            self.eval_dataset = self._dataset(read_records(config.eval_data), folder=eval_folder)
+
+    def _dataset(self, records: list[Record], *, folder: Path) -> ConversationDataset:
+        """Records checked before step 1: image paths, chat template, length (``ConversationDataset.validate``)."""
+        c = self.config
+        max_length = c.max_length or default_max_length(self.model.language_model.config)
+        dataset = ConversationDataset(records, processor=self.vlm.processor, image_folder=folder, max_length=max_length,
+                                      too_long=c.too_long, allow_outside_images=c.allow_outside_images)  # fmt: skip
+        dataset.validate()
+        return dataset
 
     def _collate(self) -> Callable[[list[Any]], Batch]:
         processor = self.vlm.processor

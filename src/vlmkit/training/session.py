@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlmkit.data.dataset import DataError
 from vlmkit.training import checkpoint as ckpt
 from vlmkit.training import fsdp
 from vlmkit.training.config import (
@@ -70,6 +71,7 @@ class RunSession:
         self.console = Console(stderr=True, quiet=not trainer.is_main)
         self.start = time.monotonic()
         self.tps = 0.0  # tokens/s over the last log interval
+        self.first_step, self.targets = 0, 0  # this session's: target tokens trained on
 
     def note(self, message: str) -> None:
         self.console.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -78,6 +80,7 @@ class RunSession:
         t = self.t
         self._check_out()
         self._resume()
+        self.first_step = t.step
         self._describe()
         self.start, stopped, interval = time.monotonic(), "done", Interval()
         with self._progress() as (progress, task):
@@ -116,6 +119,8 @@ class RunSession:
         if path is None:
             if self.config.resume:
                 self.note(f"no checkpoint in {self.out}; starting from step 0")
+                if t.is_main:  # killed before its first checkpoint: the lines it logged are logged again
+                    self._truncate_metrics(0)
             return
         state = ckpt.read_json(path / ckpt.TRAINER_FILE)
         current = t.fingerprint()
@@ -151,6 +156,10 @@ class RunSession:
             f"accumulation x {t.world} process(es){', FSDP' if t.fsdp else ''}), {t.total_steps} steps, "
             f"{precision} on {t.accelerator.device}, vision features {'cached' if t.cache else 'computed every step'}"
         )
+        data = t.dataset
+        if data.skip_reasons or data.truncated:
+            self.note(f"before training: {len(data.skip_reasons)} record(s) skipped, {data.truncated} truncated "
+                      f"to {data.max_length} tokens (--max-length, --too-long)")  # fmt: skip
         note = fsdp.accelerate_note() if t.fsdp else None
         if note:
             self.note(note)
@@ -178,6 +187,7 @@ class RunSession:
         t, c = self.t, self.config
         t.tokens_seen += stats.tokens
         interval.add(stats)
+        self.targets += stats.target_tokens
         evaluate = bool(t.eval_dataset is not None and c.eval_every and t.step % c.eval_every == 0)
         eval_loss = t.evaluate() if evaluate else None
         if evaluate or t.step % c.log_every == 0 or t.step == t.total_steps:
@@ -269,6 +279,9 @@ class RunSession:
 
     def _finish(self, stopped: str) -> TrainResult:
         t = self.t
+        # every record of every step was skipped: nothing was learned, so nothing is saved as if it had been
+        if self.first_step == 0 and t.step > 0 and self.targets == 0:
+            raise DataError(f"no record could be trained on: {skipped_summary(self._gathered_skipped())}")
         evaluated_now = self.config.eval_every and t.step % self.config.eval_every == 0
         if t.eval_dataset is not None and not evaluated_now and t.evaluate() is not None:
             self._append_metrics({"step": t.step, "loss": t.last_loss, "eval_loss": t.last_eval})
