@@ -156,7 +156,9 @@ class VLM:
             [model.vision, model.projector] + ([model.tiling] if model.tiling is not None else []),
             settings=[repr(model.config.vision), repr(model.config.projector)],
         )
-        self._lm_identity = ModelIdentity([lm_module(model.language_model)], settings=repr(model.config.language))
+        self._lm_identity = ModelIdentity(
+            [lm_module(model.language_model)], settings=repr(model.config.language)
+        )
         self._preprocess_digest = config_digest(
             self.processor.image_processor.to_dict(), model.anyres.to_dict() if model.anyres else None
         )
@@ -376,8 +378,9 @@ class VLM:
         _check_overwritable(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not portable(self.model):
+            scheme = getattr(self.config.quantization, "scheme", None)
             raise QuantizationError(
-                f"cannot save a model quantized by {self.config.quantization.scheme} (bitsandbytes / torchao "
+                f"cannot save a model quantized by {scheme} (bitsandbytes / torchao "
                 "formats are not saved); save the unquantized model and pass quantize= when loading it"
             )
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -22,7 +22,7 @@ class PlanDType(str, Enum):
 def plan_command(
     vision: Annotated[str, typer.Option("--vision", help="Vision tower dir (or hub id when online).")],
     language: Annotated[str, typer.Option("--language", help="Causal LM dir (or hub id when online).")],
-    stage: Annotated[Stage, typer.Option("--stage", help="projector, lora or full.")] = Stage.projector,
+    stage: Annotated[Stage, typer.Option("--stage", help="projector, lora or full.")] = Stage["projector"],
     batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences per step per GPU.")] = 8,
     seq: Annotated[
         int | None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -83,7 +83,14 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
         return getattr(transformers, class_name).from_pretrained(path, dtype=dtype, trust_remote_code=False)
 
 
-def vision_config_for(*, tower: nn.Module, source: str | Path, overrides: dict[str, Any]) -> VisionConfig:
+class HasHFConfig(Protocol):
+    """A transformers model, or anything carrying its ``config`` (a tower described before it is built)."""
+
+    @property
+    def config(self) -> Any: ...
+
+
+def vision_config_for(*, tower: HasHFConfig, source: str | Path, overrides: dict[str, Any]) -> VisionConfig:
     """VisionConfig from the tower's config and its preprocessor_config.json, then user overrides."""
     hf: Any = tower.config  # the transformers config of this tower class (CLIPVisionConfig, ...)
     kind = hf.model_type.replace("_vision_model", "")

@@ -154,12 +154,13 @@ class AnyRes:
             square = _expand_to_square(image, fill=self.base.pad_colour)
             return self._normalised([square.resize((size, size), resample=self.base.resample)])
         canvas = select_best_resolution(height=image.height, width=image.width, pinpoints=self.pinpoints)
-        views = [image.resize((size, size), resample=self.base.resample)]
+        views: list[Image.Image | np.ndarray] = [image.resize((size, size), resample=self.base.resample)]
         views += _cut_tiles(self._on_canvas(image, canvas=canvas), size=size)
         return self._normalised(views)
 
     def _on_canvas(self, image: Image.Image, *, canvas: tuple[int, int]) -> np.ndarray:
         """Resize into ``canvas`` keeping the aspect ratio, centred on black: uint8 [H, W, 3]."""
+        assert self.base is not None  # preprocess checked
         new_h, new_w = fit_size(height=image.height, width=image.width, canvas=canvas)
         resized = np.asarray(image.resize((new_w, new_h), resample=self.base.resample))
         top, left = (canvas[0] - new_h) // 2, (canvas[1] - new_w) // 2
@@ -168,6 +169,7 @@ class AnyRes:
         return out
 
     def _normalised(self, views: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        assert self.base is not None  # preprocess checked
         pixels = [np.asarray(v) for v in views]
         return torch.stack([torch.from_numpy(np.ascontiguousarray(self.base.normalise(p).transpose(2, 0, 1)))
                             for p in pixels])  # fmt: skip

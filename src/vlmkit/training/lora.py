@@ -40,9 +40,8 @@ def add_lora(model: VisionLanguageModel, *, rank: int, alpha: int, dropout: floa
 
     if is_quantized(model.language_model):
         lm_config = _lora_config(rank=rank, alpha=alpha, dropout=dropout, task_type="CAUSAL_LM")
-        model.language_model = get_peft_model(
-            model.language_model, language_lora_config(model.language_model, lm_config)
-        )
+        lm = lm_module(model.language_model)
+        model.language_model = get_peft_model(lm, language_lora_config(lm, lm_config))
         if vision:
             model.vision.model = get_peft_model(
                 model.vision.model, _lora_config(rank=rank, alpha=alpha, dropout=dropout, task_type=None)
@@ -109,7 +108,9 @@ def _from_pretrained(base: Any, directory: Path, *, trainable: bool) -> Any:
     """peft's ``PeftModel.from_pretrained``; a quantized base gets the QLoRA layer mapping (``qlora.py``)."""
     from peft import LoraConfig, PeftModel
 
-    config = language_lora_config(base, LoraConfig.from_pretrained(directory)) if is_quantized(base) else None
+    config = (
+        language_lora_config(base, LoraConfig.from_pretrained(str(directory))) if is_quantized(base) else None
+    )
     return PeftModel.from_pretrained(base, directory, is_trainable=trainable, config=config)
 
 

@@ -94,7 +94,7 @@ class MemoryPlan:
 # ------------------------------------------------------------------------------------------------ shapes
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
+def _layers(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     """The model's stack of transformer blocks: its longest ModuleList."""
     if isinstance(blocks := getattr(model, "blocks", None), nn.Sequential):  # timm's ViT
         return blocks

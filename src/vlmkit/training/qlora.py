@@ -19,7 +19,7 @@ adapters' product (it differs from the original float base by the quantization e
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,7 +52,8 @@ def quant_lora_class() -> type:
         """The base layer runs its own quantized kernel; the adapters add ``B(A(dropout(x))) * scale``."""
 
         def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-            return module.in_features, module.out_features
+            layer = cast(QuantizedLinear, module)  # the layers this class is registered for
+            return layer.in_features, layer.out_features
 
     return QuantLoraLinear
 
@@ -90,11 +91,12 @@ def _plain(layer: nn.Module, *, dtype: torch.dtype) -> nn.Linear:
     if isinstance(layer, QuantizedLinear):
         return layer.to_linear(dtype=dtype)
     weight = _bnb_weight(layer)  # [out, in] float
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device,
+    bias = cast("torch.Tensor | None", layer.bias)  # a bitsandbytes Linear's bias
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                        dtype=dtype)  # fmt: skip
     linear.weight.copy_(weight)
-    if layer.bias is not None:
-        linear.bias.copy_(layer.bias)
+    if bias is not None:
+        linear.bias.copy_(bias)
     return linear
 
 
@@ -102,7 +104,7 @@ def _bnb_weight(layer: nn.Module) -> torch.Tensor:
     """A bitsandbytes layer's weights dequantized: NF4 through bitsandbytes, LLM.int8() rows as code x absmax/127."""
     import bitsandbytes as bnb
 
-    weight = layer.weight
+    weight: Any = layer.weight  # bitsandbytes' Params4bit or Int8Params (SCB: the row scales)
     if isinstance(weight, bnb.nn.Params4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     return weight.data.float() * weight.SCB.float()[:, None] / 127

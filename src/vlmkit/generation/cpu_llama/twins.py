@@ -26,10 +26,12 @@ import itertools
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 # float32 matrices below this fit in the CPU caches: F.linear's lower per-call overhead wins there
 ONEDNN_MIN_BYTES = 32 << 20
@@ -126,7 +128,7 @@ def onednn_twin(model: Any, *, twins: TwinCache, force: bool = False) -> Any | N
     return _onednn(model, twins=twins)
 
 
-def onednn_gemm_twin(module: nn.Module, *, rows: int, twins: TwinCache) -> nn.Module | None:
+def onednn_gemm_twin(module: ModuleT, *, rows: int, twins: TwinCache) -> ModuleT | None:
     """``module`` with oneDNN Linear layers for a no-grad pass of ``rows`` rows per matrix product (a prefill, an
     image encode), or ``None`` where the module's own path stays: few rows, training, gradients, weights not
     float32 on the CPU, or no oneDNN."""
@@ -138,8 +140,8 @@ def onednn_gemm_twin(module: nn.Module, *, rows: int, twins: TwinCache) -> nn.Mo
     return _onednn(module, twins=twins)
 
 
-def _onednn(module: nn.Module, *, twins: TwinCache) -> nn.Module:
-    """The one oneDNN twin of ``module``, shared by decode steps and many-row passes."""
+def _onednn(module: ModuleT, *, twins: TwinCache) -> ModuleT:
+    """The one oneDNN twin of ``module`` (of its class), shared by decode steps and many-row passes."""
     return twins.get("onednn", module, build=lambda: _swap_linears(_twin(module), OneDnnLinear))
 
 

@@ -127,6 +127,7 @@ def causal_lm_from_llava(llava: Any, *, source: Path) -> LanguageModel:
         raise ModelDirError(
             f"{source}: {type(lm).__name__} does not wrap llava's {type(base).__name__}; cannot rebuild the LM"
         )
+    assert base is not None  # llava's language model (the type check above widens it to Optional for mypy)
     base.config = text_config
     setattr(lm, prefix, base)
     lm.set_output_embeddings(head)
