@@ -205,6 +205,36 @@ def test_absurd_parts_are_refused_by_build(parts, tmp_path):
         VLM.build(vision=tower, language=parts["llama"])
 
 
+@pytest.mark.parametrize("kind", ["open_clip", "timm"])
+def test_absurd_library_towers_are_refused_before_the_library_builds_them(kind, parts, tmp_path):
+    tower = tmp_path / kind
+    tower.mkdir()
+    if kind == "open_clip":
+        cfg = {"model_cfg": {"embed_dim": 64, "vision_cfg": {"width": 10**8, "layers": 12, "image_size": 224,
+                                                               "patch_size": 16}}}  # fmt: skip
+        (tower / "open_clip_config.json").write_text(json.dumps(cfg))
+    else:
+        cfg = {"architecture": "vit_base_patch16_224", "model_args": {"embed_dim": 10**8, "depth": 12}}
+        (tower / "config.json").write_text(json.dumps(cfg))
+    save_file(
+        {"w": torch.zeros(1)},
+        str(tower / f"{kind}_model.safetensors" if kind == "open_clip" else tower / "model.safetensors"),
+    )
+    with pytest.raises(ModelDirError, match=r"hidden_size=100,000,000"):
+        VLM.build(vision=f"{kind}:{tower}", language=parts["llama"])
+
+
+def test_fused_and_library_sizes_in_a_vlmkit_config_are_counted():
+    raw = {"vision": {"hf_config": {"model_type": "fused"}, "towers": [
+        {"hf_config": {"model_type": "open_clip", "vision_cfg": {"width": 1024, "layers": 24, "patch_size": 14,
+                                                                   "image_size": 336}}},
+        {"hf_config": {"model_type": "timm", "model_args": {"embed_dim": 10**6, "depth": 10**3}}}]},
+        "language": {"hf_config": {"model_type": "llama", "hidden_size": 64}}}  # fmt: skip
+    parts = config_parts(raw)
+    assert 0.9 * 303e6 < parts["vision tower 1"].parameters < 303.6e6  # CLIP-L/336's vision half
+    assert parts["vision tower 2"].parameters > 10**15
+
+
 def test_the_memory_limit_is_what_the_check_uses(tiny_vlm_dir, monkeypatch):
     """The tiny model fits anywhere; under a 100 KB limit the same check refuses it, naming both sizes."""
     assert VLM.from_pretrained(tiny_vlm_dir) is not None

@@ -57,8 +57,24 @@ def _int(config: Mapping[str, Any], *names: str) -> int:
     return 0
 
 
+def _library_sizes(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An open_clip (``vision_cfg``) or timm (``model_args``) tower's sizes under transformers' names."""
+    cfg = config.get("vision_cfg")
+    if isinstance(cfg, Mapping):
+        return {"hidden_size": cfg.get("width"), "num_hidden_layers": cfg.get("layers"), "num_channels": 3,
+                "mlp_ratio": cfg.get("mlp_ratio", 4), "image_size": cfg.get("image_size"),
+                "patch_size": cfg.get("patch_size")}  # fmt: skip
+    args = config.get("model_args")
+    if isinstance(args, Mapping):
+        return {"hidden_size": args.get("embed_dim"), "num_hidden_layers": args.get("depth"),
+                "num_channels": args.get("in_chans", 3), "mlp_ratio": args.get("mlp_ratio", 4),
+                "image_size": args.get("img_size"), "patch_size": args.get("patch_size")}  # fmt: skip
+    return config
+
+
 def estimate(config: Mapping[str, Any]) -> Estimate:
-    """Parameters of one transformers model (causal LM or vision tower) from its config dict."""
+    """Parameters of one model (causal LM, or a transformers / open_clip / timm vision tower) from its config."""
+    config = _library_sizes(config)
     hidden = _int(config, "hidden_size", "n_embd", "d_model", "dim", "embed_dim")
     layers = _int(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
     heads = _int(config, "num_attention_heads", "n_head") or 1
@@ -104,11 +120,14 @@ def config_parts(raw: Mapping[str, Any]) -> dict[str, Estimate]:
     language sections), a llava-hf config (vision_config, text_config) or a single transformers model."""
     if isinstance(raw.get("language"), Mapping) or isinstance(raw.get("vision"), Mapping):
         vision, language = (_section(raw, name) for name in ("vision", "language"))
+        members = raw["vision"].get("towers") if isinstance(raw.get("vision"), Mapping) else None
+        fused = [_section({"t": m}, "t") for m in members] if isinstance(members, list) and members else []
         runtime = raw["vision"].get("image_size") if isinstance(raw.get("vision"), Mapping) else None
         # the runtime resolution: position embeddings are interpolated up to it
         if isinstance(runtime, int) and runtime > _int(vision, "image_size"):
             vision = {**vision, "image_size": runtime}
         parts = {"vision": estimate(vision), "language": estimate(language)}
+        parts |= {f"vision tower {i + 1}": estimate(member) for i, member in enumerate(fused)}
         dims = (parts["vision"].sizes.get("hidden_size", 0), parts["language"].sizes.get("hidden_size", 0))
         projector = raw.get("projector")
         if isinstance(projector, Mapping):

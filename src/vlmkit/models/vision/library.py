@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vlmkit.config import CLIP_MEAN, CLIP_STD, VisionConfig
+from vlmkit.models.budget import check_fits, estimate
 from vlmkit.models.io import ModelDirError
 from vlmkit.models.parts import read_json
 
@@ -189,6 +190,8 @@ def load_library_tower(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """-> (tower with its weights, VisionConfig fields: hf_config, preprocessing, source)."""
     hf_config, preprocess = read_library_dir(path, kind=kind)
+    # memory before validation: the library builds the tower in float32 from these sizes
+    check_fits({"vision": estimate(hf_config)}, source=path, bytes_per_param=4)
     tower = build_library_tower(hf_config)
     state = library_weights(path, kind=kind)
     missing, unexpected = tower.load_state_dict(state, strict=False)
