@@ -246,6 +246,32 @@ def test_the_memory_limit_is_what_the_check_uses(tiny_vlm_dir, monkeypatch):
         VLM.from_pretrained(tiny_vlm_dir)
 
 
+def test_device_memory_is_checked_for_a_cuda_device(tiny_vlm_dir, monkeypatch):
+    """``device="cuda"``: the free device memory is a second limit (faked here: this runs without a GPU)."""
+    import vlmkit.models.budget as budget
+
+    monkeypatch.setattr(budget.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(budget.torch.cuda, "mem_get_info", lambda device: (1000, 2000))
+    assert [what for _, what in budget.memory_limits("cuda:0")] == ["available RAM", "free on cuda:0"]
+    with pytest.raises(ModelDirError, match=r"GB is free on cuda:0"):
+        VLM.from_pretrained(tiny_vlm_dir, device="cuda:0")
+
+
+def test_plan_refuses_a_config_it_could_not_even_count(parts, tmp_path):
+    lm = copy_dir(parts["llama"], tmp_path / "lm")
+    edit_json(lm / "config.json", lambda c: c.update(num_hidden_layers=10**9))
+    start = time.perf_counter()
+    result = run_cli("plan", "--vision", parts["clip"], "--language", lm, "--stage", "projector")
+    assert result.exit_code == 2 and "even on the meta device" in result.stderr, result.output
+    assert time.perf_counter() - start < 10
+    assert (
+        run_cli(
+            "plan", "--vision", parts["clip"], "--language", parts["llama"], "--stage", "projector"
+        ).exit_code
+        == 0
+    )
+
+
 def _exact_parameters(config) -> int:
     """What ``vlmkit plan`` counts: the model built on the meta device."""
     from transformers import AutoModel, AutoModelForCausalLM

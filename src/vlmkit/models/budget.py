@@ -181,9 +181,16 @@ def element_bytes(dtype: torch.dtype | None) -> int:
 
 
 def check_fits(
-    parts: Mapping[str, Estimate], *, source: str | Path, bytes_per_param: int, device: str | None = None
+    parts: Mapping[str, Estimate],
+    *,
+    source: str | Path,
+    bytes_per_param: int,
+    device: str | None = None,
+    purpose: str = "for its weights",
 ) -> int:
-    """Refuse (``ModelDirError`` naming the sizes) a model whose weights cannot fit; -> the bytes needed."""
+    """Refuse (``ModelDirError`` naming the sizes) a model whose weights cannot fit; -> the bytes needed.
+
+    ``bytes_per_param=0`` counts only the layers' Python objects: what even a meta-device build needs."""
     needed = sum(p.parameters * bytes_per_param + p.layers * LAYER_OVERHEAD_BYTES for p in parts.values())
     for limit, what in memory_limits(device):
         if needed > limit:
@@ -193,7 +200,7 @@ def check_fits(
             )
             params = sum(p.parameters for p in parts.values())
             raise ModelDirError(
-                f"{source}: its config describes a model needing at least {needed / GB:,.1f} GB for its weights "
+                f"{source}: its config describes a model needing at least {needed / GB:,.1f} GB {purpose} "
                 f"({params:.3g} parameters at {bytes_per_param} bytes; {detail}), but only {limit / GB:,.1f} GB is "
                 f"{what}; refusing to build it"
             )

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import ProjectorConfig, TilingConfig, VisionConfig
+from vlmkit.models.budget import check_fits, estimate
 from vlmkit.models.io import check_no_remote_code
 from vlmkit.processing.tiling import AnyRes
 from vlmkit.training.stages import GROUP_ORDER, StageConfig
@@ -181,11 +182,23 @@ def shape_from_dirs(*, vision: str | Path, language: str | Path, **kwargs: Any) 
     from vlmkit.models.vision import vision_config_from_dirs
     from vlmkit.models.vision.encoder import vision_hf_config
 
+    language_config = _hf_config(language)
+    _check_plannable(language_config.to_dict(), source=language)
     tower = vision_config_from_dirs(vision, overrides={"image_size": kwargs.get("image_size")})
     if tower is not None:
-        return shape_from_configs(vision=tower, language=_hf_config(language), **kwargs)
+        for member in (tower, *tower.towers):
+            _check_plannable(member.hf_config, source=vision)
+        return shape_from_configs(vision=tower, language=language_config, **kwargs)
     vision_config = _hf_config(vision).to_dict()  # CLIP/SigLIP: keeps the vision half
-    return shape_from_configs(vision=vision_hf_config(vision_config), language=_hf_config(language), **kwargs)
+    _check_plannable(vision_config.get("vision_config") or vision_config, source=vision)
+    return shape_from_configs(vision=vision_hf_config(vision_config), language=language_config, **kwargs)
+
+
+def _check_plannable(config: dict[str, Any], *, source: str | Path) -> None:
+    """Counting builds the layers on the meta device (no weights, but Python objects per layer): a config of
+    10**9 layers is refused from its closed-form estimate instead of hanging the planner."""
+    check_fits({"model": estimate(config)}, source=source, bytes_per_param=0,
+               purpose="to build its layers even on the meta device")  # fmt: skip
 
 
 def _hf_config(source: str | Path) -> Any:
