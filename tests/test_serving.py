@@ -416,6 +416,8 @@ def _bad_cases(image_port: int) -> list[tuple[str, Any, dict[str, str] | None, i
         ("lone surrogate in a text part", {**good, "messages": user("\udfff")}, None, 400, "invalid_text"),
         ("lone surrogate in stop", {**good, "stop": ["\udc80"]}, None, 400, "invalid_text"),
         ("lone surrogate in a key", {**good, "metadata": {"\ud800": 1}}, None, 400, "invalid_text"),
+        ("257 messages", {**good, "messages": [{"role": "user", "content": ""}] * 257}, None, 400, "too_many_messages"),
+        ("513 content parts", {**good, "messages": user(*["x"] * 513)}, None, 400, "too_many_content_parts"),
         ("temperature a string", {**good, "temperature": "hot"}, None, 400, None),
         ("top_p zero", {**good, "top_p": 0}, None, 400, None),
         ("top_p above one", {**good, "top_p": 1.5}, None, 400, None),
