@@ -189,3 +189,43 @@ def test_cli_build_refuses_bad_tiling_options(parts, tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert message in lines[0]
+
+
+def test_server_answers_anyres_requests_as_the_library_does(next_like):
+    """Images of different sizes in one request: the server counts each image's tokens and answers as ``chat``."""
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    from vlmkit.serving.app import create_app
+
+    def url(image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    images = pics((90, 40), (20, 120), seed=11)
+    content = [{"type": "image_url", "image_url": {"url": url(im)}} for im in images]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": "Which is taller?"}]}]
+    expected = next_like.chat(messages, max_new_tokens=6)
+    with TestClient(create_app(next_like)) as http:
+        response = http.post(
+            "/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0}
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == expected
+    counts = sum(next_like.image_token_count(width=im.width, height=im.height) for im in images)
+    assert body["usage"]["prompt_tokens"] > counts
+
+
+def test_cli_export_formats(next_like, tmp_path):
+    model = next_like.save_pretrained(tmp_path / "m")
+    done = run("export", "--model", model, "--format", "hf-llava-next", "--out", tmp_path / "next")
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "next" / "config.json").read_text())["model_type"] == "llava_next"
+    refused = run("export", "--model", model, "--format", "hf-llava", "--out", tmp_path / "plain")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.exit_code == 2 and len(lines) == 1 and "AnyRes tiling" in lines[0], refused.output

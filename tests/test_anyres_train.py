@@ -103,8 +103,8 @@ def test_batches_mix_token_and_tile_counts(parts, data):
 @pytest.mark.parametrize("stage", ["projector", "lora", "full"])
 def test_every_stage_lowers_the_loss(parts, data, tmp_path, stage):
     lr = {"projector": 1e-2, "lora": 1e-2, "full": 3e-3}[stage]
-    stage_config = StageConfig(stage=stage, lr=lr, lora_rank=4, lora_alpha=8) if stage == "lora" else StageConfig(
-        stage=stage, lr=lr)  # fmt: skip
+    extra = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0} if stage == "lora" else {}
+    stage_config = StageConfig(stage=stage, lr=lr, **extra)
     vlm = fresh(parts)
     before = mean_loss(vlm, data)
     newline = vlm.model.tiling.image_newline.detach().clone()
@@ -112,7 +112,10 @@ def test_every_stage_lowers_the_loss(parts, data, tmp_path, stage):
     assert result.steps == 20
     after = VLM.from_pretrained(tmp_path / "out")
     # the projector stage cannot teach a random LM the answers: it only has to help
-    assert mean_loss(after, data) < (0.98 if stage == "projector" else 0.7) * before
+    assert (
+        mean_loss(after, data)
+        < {"projector": 0.98 * before, "lora": before - 0.5, "full": 0.7 * before}[stage]
+    )
     assert not torch.equal(after.model.tiling.image_newline, newline)  # trained with the connector
 
 
