@@ -44,6 +44,7 @@ from vlmkit.generation.kv_cache import PromptKV, _unwrap, new_cache
 from vlmkit.generation.runner import BeamRunner, DynamicRunner, StaticRunner
 from vlmkit.generation.static_cache import StaticCachePool, static_cache_supported
 from vlmkit.generation.stopping import RowState, StopStrings
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.quantization import is_quantized
 
 logger = logging.getLogger("vlmkit.generation")
@@ -127,11 +128,17 @@ class Selection(NamedTuple):
 
 
 def decide(
-    lm: Any, *, attention_mask: torch.Tensor, config: GenerationConfig, options: DecodeOptions
+    lm: LanguageModel,
+    *,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+    options: DecodeOptions,
+    cache: Any = None,
 ) -> Decision:
     """The backend for this request and the reason, without building anything (``vlmkit info`` shows it).
 
     attention_mask  # [batch, seq] the whole prompt, left padded
+    ``cache``: the empty dynamic cache the lean step would write, to check its layers (default: a new one).
     """
     forced = options.backend
     if config.num_beams > 1 or forced == "beam":
@@ -140,7 +147,7 @@ def decide(
     static, note = _static(lm, options=options)
     if static is not None:
         return static
-    refusal = _lean_refusal(lm, attention_mask=attention_mask)
+    refusal = _lean_refusal(lm, attention_mask=attention_mask, cache=cache)
     if forced == "dynamic" or (refusal is not None and forced not in _LEAN):
         why = "forced" if forced == "dynamic" else f"model's own forward: {refusal}"
         return Decision("dynamic", note + why, forced=forced == "dynamic")
@@ -150,7 +157,7 @@ def decide(
     return dataclasses.replace(lean, reason=note + lean.reason) if note else lean
 
 
-def _static(lm: Any, *, options: DecodeOptions) -> tuple[Decision | None, str]:
+def _static(lm: LanguageModel, *, options: DecodeOptions) -> tuple[Decision | None, str]:
     """``static`` / ``compiled`` where asked for and the cache layout allows, else ``None`` and a note on why not
     (empty when no static cache was asked for)."""
     forced = options.backend
@@ -171,7 +178,7 @@ def _static(lm: Any, *, options: DecodeOptions) -> tuple[Decision | None, str]:
     return Decision("static", "static_cache set (VLM: from batch 16 on): a pooled, preallocated cache"), ""
 
 
-def _lean_refusal(lm: Any, *, attention_mask: torch.Tensor) -> str | None:
+def _lean_refusal(lm: LanguageModel, *, attention_mask: torch.Tensor, cache: Any) -> str | None:
     """Why the lean step cannot run this request (model, padding, cache layout), else ``None``."""
     refusal = lean_refusal(lm)
     if refusal is not None:
@@ -179,7 +186,8 @@ def _lean_refusal(lm: Any, *, attention_mask: torch.Tensor) -> str | None:
     if not bool(attention_mask.all()):  # one host sync per request, on CPU only
         return "a padded batch (the lean step runs unmasked)"
     model: Any = _unwrap(lm)
-    if not plain_dynamic_cache(new_cache(lm), num_layers=len(model.model.layers)):
+    cache = cache if cache is not None else new_cache(lm)
+    if not plain_dynamic_cache(cache, num_layers=len(model.model.layers)):
         return "sliding-window or quantized KV-cache layers"
     return None
 
@@ -227,21 +235,19 @@ def _draft_tokens(
         if batch != 1 or not fbgemm_available():
             raise ValueError("backend='speculative' needs a batch of 1 and fbgemm's float16 kernels")
         return options.speculative or AUTO_DRAFT_TOKENS, "forced"
-    if not greedy or batch != 1:
-        return 0, ""
+    if not greedy or batch != 1 or (options.speculative is None and kernel != "onednn"):
+        return 0, ""  # auto drafts only where a step streams weights beyond the CPU caches
     if options.speculative == 0:
         return 0, "speculative=0"
     if is_quantized(model):  # its float16 draft would stream more bytes than the quantized model itself
         return 0, "quantized LM: no float16 draft"
     if not fbgemm_available():
         return 0, "no fbgemm for a float16 draft"
-    if options.speculative is not None:
+    if options.speculative is not None:  # an explicit N drafts whatever the LM's size
         return (
             options.speculative,
             f"float16 draft, up to {options.speculative} tokens per round (speculative=N)",
         )
-    if kernel != "onednn":
-        return 0, ""
     if not affordable(model):
         return 0, f"a {_mb(draft_bytes(model))} float16 draft is not affordable"
     return AUTO_DRAFT_TOKENS, f"float16 draft, up to {AUTO_DRAFT_TOKENS} tokens per round (speculative=None)"
@@ -252,7 +258,7 @@ def _mb(size: int) -> str:
 
 
 def select_backend(
-    lm: Any,
+    lm: LanguageModel,
     *,
     attention_mask: torch.Tensor,
     config: GenerationConfig,
@@ -267,16 +273,18 @@ def select_backend(
     ``dtype`` is the static cache's (the prompt embeddings'); ``resources`` default to ones for this call only.
     """
     resources = resources or DecodeResources()
-    decision = decide(lm, attention_mask=attention_mask, config=config, options=options)
-    run: dict[str, Any] = dict(attention_mask=attention_mask, past=past)
+    cache = new_cache(lm)  # the dynamic backends' cache, its layers checked by ``decide``
+    decision = decide(lm, attention_mask=attention_mask, config=config, options=options, cache=cache)
+    run: dict[str, Any] = dict(attention_mask=attention_mask, past=past, cache=cache)
     backend: DecodeBackend
     reason = decision.reason
     if decision.name == "beam":
         backend = BeamRunner(lm, **run, twins=None)
     elif decision.name in ("static", "compiled"):
         compile_ = (options.compile or True) if decision.name == "compiled" else False
-        backend = StaticRunner(lm, **run, max_new_tokens=config.max_new_tokens, dtype=dtype or torch.float32,
-                               options=dataclasses.replace(options, compile=compile_), pool=resources.pool)  # fmt: skip
+        backend = StaticRunner(lm, attention_mask=attention_mask, past=past, max_new_tokens=config.max_new_tokens,
+                               options=dataclasses.replace(options, compile=compile_), pool=resources.pool,
+                               dtype=dtype or torch.float32)  # fmt: skip
     elif decision.name == "dynamic":
         backend = DynamicRunner(lm, **run, twins=resources.twins)
     else:
@@ -286,7 +294,7 @@ def select_backend(
 
 
 def _build_lean(
-    lm: Any, *, decision: Decision, twins: TwinCache, run: dict[str, Any]
+    lm: LanguageModel, *, decision: Decision, twins: TwinCache, run: dict[str, Any]
 ) -> tuple[LeanRunner, str]:
     """The lean runner ``decision`` names; a screen or draft that cannot be built (a weight beyond float16's
     range) falls back to the plain lean step, and the reason says so."""

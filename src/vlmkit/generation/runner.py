@@ -34,6 +34,7 @@ from vlmkit.generation.static_cache import (
     compile_options,
     forward_logits,
 )
+from vlmkit.models.language.protocols import LanguageModel
 
 
 class DynamicRunner:
@@ -46,10 +47,17 @@ class DynamicRunner:
     name = "dynamic"
 
     def __init__(
-        self, lm: Any, *, attention_mask: torch.Tensor, past: PromptKV | None, twins: TwinCache | None
+        self,
+        lm: LanguageModel,
+        *,
+        attention_mask: torch.Tensor,
+        past: PromptKV | None,
+        twins: TwinCache | None,
+        cache: Any = None,
     ) -> None:
         self.lm, self.twins = lm, twins
-        self.cache: Any = new_cache(lm)  # a StaticCache in StaticRunner; None once closed
+        # an empty ``new_cache(lm)`` (given: the one select_backend checked); a StaticCache in StaticRunner
+        self.cache: Any = cache if cache is not None else new_cache(lm)
         self.past_length = past.length if past is not None else 0
         if past is not None:
             fill_cache(self.cache, past)
@@ -115,7 +123,7 @@ class StaticRunner(DynamicRunner):
 
     def __init__(
         self,
-        lm: Any,
+        lm: LanguageModel,
         *,
         attention_mask: torch.Tensor,
         past: PromptKV | None,

@@ -41,8 +41,9 @@ class LeanRunner(DynamicRunner):
         model: Any,
         step_model: Any,
         head: ScreenedHead | None = None,
+        cache: Any = None,
     ) -> None:
-        super().__init__(lm, attention_mask=attention_mask, past=past, twins=twins)
+        super().__init__(lm, attention_mask=attention_mask, past=past, twins=twins, cache=cache)
         self.model, self.step_model, self.head = model, step_model, head
         kernel = "lean-linear" if step_model is model else "lean-onednn"
         self.name = "screened-head" if head is not None else kernel
