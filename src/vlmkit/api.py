@@ -581,7 +581,7 @@ class VLM:
         """pixel_values [n, 3, S, S] -> [n, tokens, dim], all at once or one image at a time."""
         together = self.encode_mode == "parallel" or pixels.shape[0] == 1
         rows = self.model.vision.num_tokens * (pixels.shape[0] if together else 1)
-        # float32 on CPU: the same maths through oneDNN's faster GEMM (generation/twins.py)
+        # float32 on CPU: the same maths through oneDNN's faster GEMM (generation/cpu_llama/twins.py)
         model = onednn_gemm_twin(self.model, rows=rows, twins=self.decode_resources.twins) or self.model
         if together:
             return model.encode_images(pixels)

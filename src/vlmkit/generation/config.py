@@ -180,8 +180,8 @@ class DecodeOptions:
     between host syncs (finished / stop-string checks): 1 reads every token back at once (what streaming needs);
     more lets the host queue several GPU steps ahead, at the price of up to ``sync_every - 1`` wasted steps at the end.
     ``speculative`` > 0 lets a float16 copy of the LM propose up to that many tokens per round, which the LM verifies
-    in one pass (``speculative.py``): greedy batch-1 requests on a float32 Llama on CPU with the dynamic cache;
-    anything else decodes as usual. 0 = off; ``None`` (default) = on, up to ``decode.AUTO_DRAFT_TOKENS``, where
+    in one pass (``cpu_llama/speculative.py``): greedy batch-1 requests on a float32 Llama on CPU with the dynamic
+    cache; anything else decodes as usual. 0 = off; ``None`` (default) = on, up to ``backend.AUTO_DRAFT_TOKENS``, where
     the LM's matrices are too big for the CPU caches (a step then streams its weights, and the draft streams half
     the bytes), off for smaller LMs. ``backend`` forces one of ``BACKENDS`` (tests, benchmarks; ``None``: chosen
     per request by ``backend.select_backend``, see docs/inference.md); one the request cannot run is a ValueError.
