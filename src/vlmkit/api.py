@@ -59,6 +59,7 @@ from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import ImageInput, ImageProcessor, load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
 from vlmkit.processing.prompting import normalize_messages, pad_batch
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 from vlmkit.quantization import (
     QuantizationError,
     check_method,
@@ -130,7 +131,7 @@ class VLM:
         self,
         *,
         model: VisionLanguageModel,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
         feature_cache_dir: str | Path | None = None,
         feature_cache_disk_bytes: int | None = None,
@@ -430,7 +431,9 @@ class VLM:
         )
         return self.stream_sample(sample, **generation)
 
-    def stream_sample(self, sample: Sample, *, tokenizer: Any = None, **generation: Any) -> Iterator[str]:
+    def stream_sample(
+        self, sample: Sample, *, tokenizer: Tokenizer | None = None, **generation: Any
+    ) -> Iterator[str]:
         """``stream`` for a prepared ``Sample`` (any conversation); ``tokenizer`` may wrap ``self.tokenizer``
         (e.g. to count decoded tokens) and is what the loop decodes with."""
         config = GenerationConfig.from_kwargs(**generation)

@@ -331,6 +331,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         size = self.processor.image_processor.image_size
         if layouts is not None:  # AnyRes: each image's base view and tiles
             anyres = self.processor.anyres
+            assert anyres is not None  # layouts come from AnyRes
             tiles = [
                 anyres.preprocess(im, tiled=lay.grid != (0, 0)) for im, lay in zip(pil, layouts, strict=True)
             ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 
@@ -31,11 +30,13 @@ from vlmkit.generation.stopping import (
     resolve_eos_token_ids,
     resolve_pad_token_id,
 )
+from vlmkit.models.language.protocols import LanguageModel
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 
 @torch.no_grad()
 def _token_steps(
-    lm: Any,
+    lm: LanguageModel,
     *,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -138,11 +139,11 @@ def _record(rows: list[RowState], *, steps: list[list[list[int]]], stops: StopSt
 
 
 def _prepare(
-    lm: Any,
+    lm: LanguageModel,
     *,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     config: GenerationConfig,
     eos_token_ids: Sequence[int] | None,
     past: PromptKV | None,
@@ -158,11 +159,11 @@ def _prepare(
 
 
 def generate(
-    lm: Any,
+    lm: LanguageModel,
     *,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     config: GenerationConfig,
     eos_token_ids: Sequence[int] | None = None,
     options: DecodeOptions | None = None,
@@ -196,11 +197,11 @@ def generate(
 
 
 def stream(
-    lm: Any,
+    lm: LanguageModel,
     *,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     config: GenerationConfig,
     eos_token_ids: Sequence[int] | None = None,
     options: DecodeOptions | None = None,

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from vlmkit.generation.kv_cache import accepts_logits_to_keep, cache_kwarg
+from vlmkit.models.language.protocols import LanguageModel
 
 
-def _forward_last_logits(lm: Any, *, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
+def _forward_last_logits(lm: LanguageModel, *, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
     """One forward pass that updates ``cache``; returns the last position's logits as float32.  # [batch, vocab]"""
     kwargs: dict[str, Any] = {cache_kwarg(lm): cache, "use_cache": True, **inputs}
     if accepts_logits_to_keep(lm):
@@ -28,7 +29,7 @@ def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(
-    lm: Any,
+    lm: LanguageModel,
     *,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -48,7 +49,7 @@ def prefill(
 
 
 def decode_step(
-    lm: Any,
+    lm: LanguageModel,
     *,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,

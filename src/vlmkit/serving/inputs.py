@@ -20,13 +20,14 @@ import io
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
 from vlmkit.processing.image import load_image
 from vlmkit.processing.processor import Sample, VLMProcessor
 from vlmkit.processing.prompting import TOKENIZER_TEMPLATE
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 from vlmkit.serving.errors import APIError, bad_request
 from vlmkit.serving.fetch import FetchError, URLFetcher
 from vlmkit.serving.limits import ServerSettings, base64_decoded_size, max_tokens_allowed
@@ -104,9 +105,9 @@ class Preparer:
         """Per thread: a private processor (its own tokenizer copy; the template rendered by the shared pool)."""
         processor = copy.copy(self.processor)
         tokenizer = copy.deepcopy(self.processor.tokenizer)
-        processor.tokenizer = (
-            tokenizer if self._renderers is None else _BoundedTemplate(tokenizer, self._renderers)
-        )
+        bounded = None if self._renderers is None else _BoundedTemplate(tokenizer, self._renderers)
+        # the wrapper is a Tokenizer by delegation (``__getattr__``), which a static check cannot see
+        processor.tokenizer = tokenizer if bounded is None else cast(Tokenizer, bounded)
         self._local.processor = processor
 
     async def _image_bytes(self, ref: ImageRef) -> bytes:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from vlmkit.generation import GenerationConfig
 from vlmkit.processing.processor import Sample
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 from vlmkit.serving.engine import Completion
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ class _VLMTextStream:
     def __iter__(self) -> Iterator[str]:
         # the same preparation as VLM.generate (feature and prefix caches included), so greedy streams
         # equal non-streamed answers
-        self._deltas = self.vlm.stream_sample(self.sample, tokenizer=self.tokenizer, **self.generation)
+        # a Tokenizer by delegation (``__getattr__``), which a static check cannot see
+        counting = cast(Tokenizer, self.tokenizer)
+        self._deltas = self.vlm.stream_sample(self.sample, tokenizer=counting, **self.generation)
         return self._deltas
 
     def close(self) -> None:

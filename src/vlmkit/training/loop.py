@@ -296,10 +296,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def inputs(self, batch: Batch) -> dict[str, Any]:
+        """The loss's keyword arguments: tensors on the device (and AnyRes tile layouts)."""
         device = self.accelerator.device
-        inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
-                  "labels": batch.labels.to(device)}  # fmt: skip
+        inputs: dict[str, Any] = {"input_ids": batch.input_ids.to(device),
+                                  "attention_mask": batch.attention_mask.to(device),
+                                  "labels": batch.labels.to(device)}  # fmt: skip
         if batch.pixel_values.shape[0]:
             if self.cache is not None:
                 inputs["vision_features"] = self.cache(batch.pixel_values, encode=self._encode, device=device)

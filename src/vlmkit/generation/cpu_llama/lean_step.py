@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.generation.kv_cache import _unwrap
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.quantization import QuantizedLinear
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def lean_step_model(lm: Any, *, attention_mask: torch.Tensor) -> Any | None:
+def lean_step_model(lm: LanguageModel, *, attention_mask: torch.Tensor) -> Any | None:
     """The model ``lean_decode_step`` runs in place of ``lm``'s own decode step for this request, else ``None``
     (``lean_refusal`` says why). The cache must be checked too, once it has its layers (``plain_dynamic_cache``)."""
     if lean_refusal(lm) is not None or not bool(attention_mask.all()):  # one host sync per request
@@ -32,7 +33,7 @@ def lean_step_model(lm: Any, *, attention_mask: torch.Tensor) -> Any | None:
     return _unwrap(lm)
 
 
-def lean_refusal(lm: Any) -> str | None:
+def lean_refusal(lm: LanguageModel) -> str | None:
     """Why ``lm``'s decode step cannot be ``lean_decode_step`` (``None``: it can, for a batch without padding).
 
     Plain ``LlamaForCausalLM`` in float32 on CPU, sdpa attention, default RoPE, SiLU MLP, plain ``nn.Linear``

@@ -31,7 +31,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
+from vlmkit.models.language.protocols import LanguageModel
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module | LanguageModel)  # a twin has the class of its original
 
 # float32 matrices below this fit in the CPU caches: F.linear's lower per-call overhead wins there
 ONEDNN_MIN_BYTES = 32 << 20

@@ -42,6 +42,9 @@ class LanguageModel(Protocol):
     @property
     def base_model_prefix(self) -> str: ...
 
+    @property
+    def training(self) -> bool: ...
+
     def __call__(self, **inputs: Any) -> Any:
         """inputs_embeds [batch, seq, dim] or input_ids [batch, seq], attention_mask, position_ids, the cache
         keyword, use_cache, labels, logits_to_keep -> a ``LanguageModelOutput``."""
