@@ -191,6 +191,7 @@ def test_cli_build_refuses_bad_tiling_options(parts, tmp_path, args, message):
     assert message in lines[0]
 
 
+@pytest.mark.slow
 def test_server_answers_anyres_requests_as_the_library_does(next_like):
     """Images of different sizes in one request: the server counts each image's tokens and answers as ``chat``."""
     import base64
@@ -229,3 +230,20 @@ def test_cli_export_formats(next_like, tmp_path):
     refused = run("export", "--model", model, "--format", "hf-llava", "--out", tmp_path / "plain")
     lines = refused.stderr.strip().splitlines()
     assert refused.exit_code == 2 and len(lines) == 1 and "AnyRes tiling" in lines[0], refused.output
+
+
+def test_feature_cache_key_includes_the_tiling(parts, tmp_path):
+    """Two models that differ only in their tiling share a disk feature cache without reading each other's
+    entries: each answers as it does with no cache at all."""
+    images = pics((128, 32), seed=21)  # a 1x2 grid under max_tiles=2, 1x4 under max_tiles=4
+    answers = {}
+    for max_tiles in (2, 4):
+        vlm = VLM.build(vision=parts["clip"], language=parts["llama"], resolution="anyres",
+                        tiling={"max_tiles": max_tiles}, feature_cache_dir=tmp_path / "cache")  # fmt: skip
+        _sharpen(vlm)
+        cached = vlm.ask(PROMPT, images=images, max_new_tokens=6)
+        vlm.enable_caches(feature_cache_bytes=0, prefix_cache_bytes=0)
+        assert vlm.ask(PROMPT, images=images, max_new_tokens=6) == cached
+        answers[max_tiles] = vlm.image_token_count(width=128, height=32)
+    assert answers[2] != answers[4]
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
