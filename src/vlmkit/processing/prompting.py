@@ -183,7 +183,7 @@ def _render_builtin(
 
 
 def _render_tokenizer(
-    messages: list[Message], *, tokenizer: Any, system: str | None, gen: bool, locate: bool = True
+    messages: list[Message], *, tokenizer: Tokenizer, system: str | None, gen: bool, locate: bool = True
 ) -> RenderedPrompt:
     messages = [dict(m) for m in messages]
     if system is not None and not any(m["role"] == "system" for m in messages):

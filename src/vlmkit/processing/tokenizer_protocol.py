@@ -8,9 +8,10 @@ declares unions such as ``int | list[int]``): ``models.parts.load_tokenizer`` st
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class Tokenizer(Protocol):
@@ -23,6 +24,9 @@ class Tokenizer(Protocol):
 
     @property
     def added_tokens_decoder(self) -> Mapping[int, Any]: ...
+
+    @property
+    def special_tokens_map(self) -> Mapping[str, Any]: ...
 
     def __call__(self, text: str, **kwargs: Any) -> Any:
         """One text -> a transformers ``BatchEncoding``: ``input_ids`` (and ``offset_mapping`` when asked)."""
@@ -43,5 +47,7 @@ class Tokenizer(Protocol):
 
     def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> Any:
         """Messages -> the rendered text (``tokenize=False``) or ids; the result type follows the keywords."""
+
+    def get_chat_template(self) -> str: ...
 
     def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any: ...

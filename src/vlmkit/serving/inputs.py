@@ -244,7 +244,7 @@ def _release_unclaimed(future: Future[Prepared]) -> None:
 class _BoundedTemplate:
     """The tokenizer, with ``apply_chat_template`` rendered in a worker process (time / memory budget)."""
 
-    def __init__(self, tokenizer: Any, renderer: RendererPool) -> None:
+    def __init__(self, tokenizer: Tokenizer, renderer: RendererPool) -> None:
         self._tokenizer = tokenizer
         self._renderer = renderer
 

@@ -38,7 +38,7 @@ class _CountingTokenizer:
     the completion's token count: exact usage for streams without a second tokenization.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self.last_decoded = 0
 

@@ -20,7 +20,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 MIB = 1024 * 1024
 # address space the worker may add beyond what Python, jinja2 and transformers' template module take
@@ -87,7 +90,7 @@ class TemplateRenderer:
         self._closed = False
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, *, timeout_s: float) -> TemplateRenderer:
+    def for_tokenizer(cls, tokenizer: Tokenizer, *, timeout_s: float) -> TemplateRenderer:
         """What ``tokenizer.apply_chat_template`` renders with: its template and special-token variables."""
         variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str | list)}
         return cls(chat_template=tokenizer.get_chat_template(), variables=variables, timeout_s=timeout_s)

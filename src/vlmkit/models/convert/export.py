@@ -204,7 +204,7 @@ def _lm_with_image_token(model: Any, *, tokenizer: Tokenizer) -> LanguageModel:
 # -------------------------------------------------------------------------------------------- processor
 
 
-def llava_processor(model: Any, *, tokenizer: Any) -> Any:
+def llava_processor(model: Any, *, tokenizer: Tokenizer) -> Any:
     """A ``LlavaProcessor`` that expands and preprocesses exactly as vlmkit does for ``model``."""
     from transformers import LlavaProcessor
 

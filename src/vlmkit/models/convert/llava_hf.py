@@ -24,6 +24,7 @@ from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.models.parts import add_image_token, hf_config_dict, load_tokenizer, read_json
 from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.processing.tokenizer_protocol import Tokenizer
 
 # llava-hf's "default" drops exactly one leading token (CLS); "full" keeps them all
 STRATEGY_TO_SELECT = {"default": "patch", "full": "full"}
@@ -237,7 +238,7 @@ def processor_chat_template(directory: Path) -> str | None:
     return None
 
 
-def plain_text_chat_template(template: str, *, tokenizer: Any, image_token: str) -> str:
+def plain_text_chat_template(template: str, *, tokenizer: Tokenizer, image_token: str) -> str:
     """A template that renders vlmkit's messages (string content with ``<image>`` inline).
 
     llava-hf templates read content *parts* (``{"type": "image"}``, ``{"type": "text", ...}``), as the
@@ -258,7 +259,7 @@ def plain_text_chat_template(template: str, *, tokenizer: Any, image_token: str)
     return wrapped
 
 
-def renders_plain(template: str, *, tokenizer: Any, image_token: str) -> bool:
+def renders_plain(template: str, *, tokenizer: Tokenizer, image_token: str) -> bool:
     """Whether ``template`` keeps both the image token and the text of a plain-string user message."""
     probe = "vlmkit probe text"
     messages = [{"role": "user", "content": f"{image_token}\n{probe}"}]
