@@ -103,7 +103,7 @@ def test_a_forced_backend_the_request_cannot_use_is_an_error(lm) -> None:
 
 
 def _choice(lm: Any, *, mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[str, str]:
-    options = {k: kwargs.pop(k) for k in ("static_cache", "compile", "speculative") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("static_cache", "compile", "speculative", "backend") if k in kwargs}
     mask = mask if mask is not None else torch.ones(1, 5, dtype=torch.long)
     decision = decide(
         lm, attention_mask=mask, config=GenerationConfig(**kwargs), options=DecodeOptions(**options)
@@ -168,6 +168,9 @@ def test_quantized_lms_get_no_float16_draft(monkeypatch) -> None:
     mlp.up_proj = Int8DynamicLinear.from_linear(mlp.up_proj)
     name, reason = _choice(model)
     assert name != "speculative" and "quantized LM: no float16 draft" in reason
+    assert reason.startswith("Llama with vlmkit-quantized layers on CPU")
+    with pytest.raises(ValueError, match="not quantized"):
+        _choice(model, backend="speculative")
 
 
 def test_select_backend_builds_what_decide_chose_and_logs_why(lm, caplog) -> None:

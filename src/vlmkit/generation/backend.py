@@ -45,7 +45,7 @@ from vlmkit.generation.runner import BeamRunner, DynamicRunner, StaticRunner
 from vlmkit.generation.static_cache import StaticCachePool, static_cache_supported
 from vlmkit.generation.stopping import RowState, StopStrings
 from vlmkit.models.language.protocols import LanguageModel
-from vlmkit.quantization import is_quantized
+from vlmkit.quantization import QuantizedLinear, is_quantized
 
 logger = logging.getLogger("vlmkit.generation")
 
@@ -196,12 +196,15 @@ def _lean(model: Any, *, batch: int, config: GenerationConfig, options: DecodeOp
     """The lean-step variant for a model ``lean_refusal`` accepted."""
     forced = options.backend
     size, budget = linear_bytes(model), twin_module.ONEDNN_MIN_BYTES
+    # vlmkit's CPU-quantized layers run their own forward in the lean step (lean_refusal lets only them through)
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.model.layers.modules())
     kernel = "onednn" if onednn_available() and size >= budget else "linear"
     if forced == "lean-onednn" and not onednn_available():
         raise ValueError("backend='lean-onednn': this torch build has no oneDNN linear kernel")
     if forced in ("lean-linear", "lean-onednn"):
         return Decision(forced, "forced", kernel=forced.removeprefix("lean-"), forced=True)
-    facts = f"float32 Llama on CPU, LM matrices {_mb(size)} {'>=' if size >= budget else '<'} cache budget"
+    what = "Llama with vlmkit-quantized layers" if quantized else "float32 Llama"
+    facts = f"{what} on CPU, float32 matrices {_mb(size)} {'>=' if size >= budget else '<'} cache budget"
     facts += f" {budget >> 20} MiB" + (
         " (no oneDNN in this torch build)" if size >= budget and kernel == "linear" else ""
     )
@@ -213,7 +216,9 @@ def _lean(model: Any, *, batch: int, config: GenerationConfig, options: DecodeOp
         raise ValueError(f"backend='screened-head': {screen}")
     if forced == "screened-head":
         return Decision(forced, "forced", kernel=kernel, screen=True, forced=True)
-    draft, draft_note = _draft_tokens(model, kernel=kernel, batch=batch, greedy=greedy, options=options)
+    draft, draft_note = _draft_tokens(
+        model, kernel=kernel, batch=batch, greedy=greedy, options=options, quantized=quantized
+    )
     if draft:
         return Decision("speculative", f"{draft_note}; {facts}", kernel=kernel, screen=greedy and screen is None,
                         draft_tokens=draft, forced=forced == "speculative")  # fmt: skip
@@ -228,18 +233,19 @@ def _lean(model: Any, *, batch: int, config: GenerationConfig, options: DecodeOp
 
 
 def _draft_tokens(
-    model: Any, *, kernel: str, batch: int, greedy: bool, options: DecodeOptions
+    model: Any, *, kernel: str, batch: int, greedy: bool, options: DecodeOptions, quantized: bool
 ) -> tuple[int, str]:
     """Draft tokens per round (0: none) and a note why (see ``DecodeOptions.speculative``)."""
     if options.backend == "speculative":
-        if batch != 1 or not fbgemm_available():
-            raise ValueError("backend='speculative' needs a batch of 1 and fbgemm's float16 kernels")
+        if batch != 1 or not fbgemm_available() or quantized:
+            raise ValueError("backend='speculative' needs a batch of 1, fbgemm's float16 kernels and an LM that "
+                             "is not quantized")  # fmt: skip
         return options.speculative or AUTO_DRAFT_TOKENS, "forced"
     if not greedy or batch != 1 or (options.speculative is None and kernel != "onednn"):
         return 0, ""  # auto drafts only where a step streams weights beyond the CPU caches
     if options.speculative == 0:
         return 0, "speculative=0"
-    if is_quantized(model):  # its float16 draft would stream more bytes than the quantized model itself
+    if quantized or is_quantized(model):  # its float16 draft would stream more bytes than the quantized LM
         return 0, "quantized LM: no float16 draft"
     if not fbgemm_available():
         return 0, "no fbgemm for a float16 draft"
