@@ -33,31 +33,74 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _D = ServerSettings  # the defaults every limit option shows
 
 
-def _limit(flag: str, kind: type, text: str, *, low: float = 1) -> Any:
-    return Annotated[kind | None, typer.Option(flag, min=low, help=text, show_default=False)]
+def _limit(flag: str, text: str, *, low: float = 1) -> Any:
+    """The option of one server limit (None: ``ServerSettings``' default)."""
+    return typer.Option(flag, min=low, help=text, show_default=False)
 
 
-MaxMessages = _limit("--max-messages", int, f"Most messages per request (default {_D.max_messages}).")
-MaxParts = _limit(
-    "--max-content-parts", int, f"Most content parts per request (default {_D.max_content_parts})."
-)
-PrepareThreads = _limit(
-    "--prepare-threads", int, f"Threads decoding images and tokenizing (default {_D.prepare_threads})."
-)
-QueuedImageMB = _limit("--max-queued-image-mb", int, "Decoded image memory held by queued requests, in MiB, "
-                       f"before 429 (default {_D.max_queued_image_bytes // MIB}).")  # fmt: skip
-TemplateTimeout = _limit("--template-timeout", float, "Seconds a chat template may take to render "
-                         f"(default {_D.template_timeout_s:g}).", low=0.01)  # fmt: skip
-HeaderTimeout = _limit("--header-timeout", float, "Seconds a client has to send its request head "
-                       f"(default {_D.header_timeout_s:g}).", low=0.01)  # fmt: skip
-BodyTimeout = _limit("--body-timeout", float, "Seconds a client has to send its request body "
-                     f"(default {_D.body_timeout_s:g}).", low=0.01)  # fmt: skip
-KeepAlive = _limit("--keep-alive", float, f"Seconds an idle connection stays open (default {_D.keep_alive_s:g}).",
-                   low=0.01)  # fmt: skip
-MaxConnections = _limit("--max-connections", int, "Open connections; beyond it the longest-idle one is closed "
-                        f"(default {_D.max_connections}).")  # fmt: skip
-ShutdownTimeout = _limit("--shutdown-timeout", float, "Seconds to finish in-flight requests on SIGTERM / Ctrl-C "
-                         f"(default {_D.shutdown_timeout_s:g}); the process exits regardless.", low=0)  # fmt: skip
+MaxMessages = Annotated[
+    int | None, _limit("--max-messages", f"Most messages per request (default {_D.max_messages}).")
+]
+MaxParts = Annotated[
+    int | None,
+    _limit("--max-content-parts", f"Most content parts per request (default {_D.max_content_parts})."),
+]
+PrepareThreads = Annotated[
+    int | None,
+    _limit("--prepare-threads", f"Threads decoding images and tokenizing (default {_D.prepare_threads})."),
+]
+QueuedImageMB = Annotated[
+    int | None,
+    _limit(
+        "--max-queued-image-mb",
+        "Decoded image memory held by queued requests, in MiB, "
+        f"before 429 (default {_D.max_queued_image_bytes // MIB}).",
+    ),
+]
+TemplateTimeout = Annotated[
+    float | None,
+    _limit(
+        "--template-timeout",
+        f"Seconds a chat template may take to render (default {_D.template_timeout_s:g}).",
+        low=0.01,
+    ),
+]
+HeaderTimeout = Annotated[
+    float | None,
+    _limit(
+        "--header-timeout",
+        f"Seconds a client has to send its request head (default {_D.header_timeout_s:g}).",
+        low=0.01,
+    ),
+]
+BodyTimeout = Annotated[
+    float | None,
+    _limit(
+        "--body-timeout",
+        f"Seconds a client has to send its request body (default {_D.body_timeout_s:g}).",
+        low=0.01,
+    ),
+]
+KeepAlive = Annotated[
+    float | None,
+    _limit("--keep-alive", f"Seconds an idle connection stays open (default {_D.keep_alive_s:g}).", low=0.01),
+]
+MaxConnections = Annotated[
+    int | None,
+    _limit(
+        "--max-connections",
+        f"Open connections; beyond it the longest-idle one is closed (default {_D.max_connections}).",
+    ),
+]
+ShutdownTimeout = Annotated[
+    float | None,
+    _limit(
+        "--shutdown-timeout",
+        "Seconds to finish in-flight requests on SIGTERM / Ctrl-C "
+        f"(default {_D.shutdown_timeout_s:g}); the process exits regardless.",
+        low=0,
+    ),
+]
 
 
 def serve_command(
@@ -116,7 +159,7 @@ def serve_command(
              "max_queued_image_bytes": None if max_queued_image_mb is None else max_queued_image_mb * MIB,
              "template_timeout_s": template_timeout, "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
              "keep_alive_s": keep_alive, "max_connections": max_connections, "shutdown_timeout_s": shutdown_timeout}  # fmt: skip
-    limits = {name: value for name, value in given.items() if value is not None}
+    limits: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     try:
         settings = ServerSettings(model_name=_model_name(model), api_key=api_key, max_batch=max_batch,
                                   queue_size=queue_size, allow_url_hosts=tuple(allow_url_host or ()), **limits)  # fmt: skip
@@ -159,9 +202,9 @@ def _run(sock: socket.socket, *, settings: Any, loader: Any) -> BaseException | 
             server.should_exit = True
 
     app = create_app(loader, settings=settings, on_load_error=load_failed)
-    server = _quiet_exit_server(uvicorn.Server)(uvicorn_config(app, settings=settings, log_level="info"))
     # draining waits up to shutdown_timeout_s for requests, then as long again for the model worker
-    server.force_exit_after_s = 2 * settings.shutdown_timeout_s + 10
+    server_class = _quiet_exit_server(uvicorn.Server, exit_after_s=2 * settings.shutdown_timeout_s + 10)
+    server = server_class(uvicorn_config(app, settings=settings, log_level="info"))
     server.run(sockets=[sock])
     return failures[0] if failures else None
 
@@ -183,12 +226,13 @@ def _load(
     return load_model(model, dtype=dtype, device=device, quantize=quantize)
 
 
-def _quiet_exit_server(base: type) -> type:
+def _quiet_exit_server(base: type, *, exit_after_s: float | None = None) -> type:
     """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown (exit by signal, or a KeyboardInterrupt
-    that the CLI would report as an error); a server that drained cleanly should just exit 0."""
+    that the CLI would report as an error); a server that drained cleanly should just exit 0. A shutdown that
+    takes more than ``exit_after_s`` ends the process."""
 
-    class Server(base):  # type: ignore[misc, valid-type]
-        force_exit_after_s: float | None = None
+    class Server(base):
+        force_exit_after_s: float | None = exit_after_s
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)

@@ -99,7 +99,7 @@ def uvicorn_config(app: Any, *, settings: ServerSettings, **kwargs: Any) -> uvic
     return uvicorn.Config(
         app,
         http=guarded_protocol(settings),
-        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type] - a float works (call_later)
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=16 * 1024,  # request line + headers
         server_header=False,
