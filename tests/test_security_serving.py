@@ -300,6 +300,8 @@ def test_queued_images_are_shrunk_and_bounded_in_bytes(tiny_vlm):
         wait_until(lambda: memory.used == 3 * per_request, timeout=30)
         assert _rss_mib() - rss_before < 150  # full resolution would be 9 x 27 MB = 243 MB held
         assert_error(_post(server.url, body), 429, "image_memory_full")
+        metrics = httpx.get(f"{server.url}/metrics", trust_env=False).text
+        assert f"vlmkit_queued_image_bytes {3 * per_request}" in metrics
         _healthy(server.url)
         assert all(image.size == (side, side) for image in gated.seen[0].images)  # shrunk at decode
         gated.gate.set()
@@ -475,3 +477,22 @@ def test_sigterm_finishes_while_a_template_runs_forever(tiny_vlm_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_shutdown_watchdog_ends_a_stuck_process(monkeypatch):
+    """If draining hangs anyway, the watchdog armed by the first SIGTERM exits the process (exit 1)."""
+    import signal
+
+    import uvicorn
+
+    from vlmkit.cli import serve as serve_cli
+
+    exits: list[int] = []
+    monkeypatch.setattr(serve_cli.os, "_exit", exits.append)
+    server = serve_cli._quiet_exit_server(uvicorn.Server)(uvicorn.Config(app=None))
+    server.force_exit_after_s = 0.2
+    server.handle_exit(signal.SIGTERM, None)
+    server.handle_exit(signal.SIGTERM, None)  # a second signal arms no second timer
+    wait_until(lambda: exits == [1], timeout=5)
+    time.sleep(0.4)
+    assert exits == [1] and server.should_exit

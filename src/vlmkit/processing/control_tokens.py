@@ -96,18 +96,18 @@ def unmark_control_text(text: str, spans: list[Span]) -> tuple[str, list[Span], 
 def encode_as_text(
     tokenizer: Tokenizer, *, ids: list[int], offsets: list[Span] | None, typed: list[Span], text: str
 ) -> tuple[list[int], list[Span]]:
-    """Replace each token lying exactly on a typed span with those characters encoded as plain text."""
+    """Replace each control token on a typed span with its characters encoded as plain text (a token that also
+    took a neighbouring space, ``lstrip`` / ``rstrip`` style, is re-encoded with that space)."""
     if offsets is None or not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             "control-token text in a message needs a fast tokenizer (offset mapping) to stay text"
         )
-    wanted = set(typed)
     control_ids = {tokenizer.convert_tokens_to_ids(t) for t in control_tokens(tokenizer, image_token="")}
     new_ids: list[int] = []
     new_offsets: list[Span] = []
     for token_id, span in zip(ids, offsets, strict=True):
         span = (int(span[0]), int(span[1]))
-        if span in wanted and token_id in control_ids:
+        if token_id in control_ids and any(span[0] < end and span[1] > start for start, end in typed):
             plain = _plain_ids(tokenizer, text[span[0] : span[1]])
             if control_ids.intersection(plain):
                 raise ValueError(

@@ -33,12 +33,14 @@ from vlmkit.serving.fetch import FetchError, URLFetcher
 from vlmkit.serving.limits import ServerSettings, base64_decoded_size, max_tokens_allowed
 from vlmkit.serving.request import ChatRequest, ImageRef
 from vlmkit.serving.template import RendererPool, TemplateRenderer, TemplateTimeout
-from vlmkit.serving.workers import ImageMemory, Reservation, WorkerPool
+from vlmkit.serving.workers import ImageMemory, Reservation, WorkerPool, return_freed_memory
 
 # formats a browser or phone sends; everything else (EPS via Ghostscript, exotic decoders) is refused
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 # a token never spans more characters than this in practice; longer prompts are refused before tokenizing
 _MAX_CHARS_PER_TOKEN = 64
+# after decoding an image this large (12 MB as RGB), freed memory is handed back to the OS at once
+_TRIM_AFTER_PIXELS = 4_000_000
 
 
 @dataclass
@@ -159,10 +161,17 @@ class Preparer:
         return 3 * image.width * image.height
 
     def _decode(self, image: Image.Image, *, param: str) -> Image.Image:
+        large = image.width * image.height >= _TRIM_AFTER_PIXELS
         with image:
             decoded = decode_opened(image, param=param, max_pixels=self.settings.max_image_pixels)
+        if not self.fit_images:
+            return decoded
         # the full-resolution pixels are dropped here, before the request waits anywhere
-        return self.processor.image_processor.fit(decoded) if self.fit_images else decoded
+        fitted = self.processor.image_processor.fit(decoded)
+        del decoded
+        if large:
+            return_freed_memory()
+        return fitted
 
     def _check_before_work(self, request: ChatRequest) -> None:
         """Limits that need no image or tokenizer: refused before any fetching or decoding."""

@@ -90,6 +90,9 @@ class ServerState:
             self.image_token = vlm.processor.prompt.image_token
             engine.start()
             self._register_live_metrics(vlm=vlm, engine=engine)
+            self.metrics.add_live("queued_image_bytes", kind="gauge",
+                                  help_text="Decoded image bytes held by requests being prepared, queued or answered.",
+                                  read=lambda: preparer.image_memory.used)  # fmt: skip
             self.status = READY
 
     def _register_live_metrics(self, *, vlm: Any, engine: Engine) -> None:
