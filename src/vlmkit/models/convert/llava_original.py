@@ -26,6 +26,7 @@ from vlmkit.models.io import (
     read_json,
     weight_files,
 )
+from vlmkit.models.language.protocols import LanguageModel
 from vlmkit.models.parts import (
     add_image_token,
     hf_config_dict,
@@ -165,7 +166,7 @@ def _check_config(
 
 def _load_language_model(
     directory: Path, *, raw: dict[str, Any], lm_type: str, dtype: torch.dtype | None
-) -> Any:
+) -> LanguageModel:
     """The ``model.*`` / ``lm_head.*`` weights through transformers' own safetensors loading."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -173,7 +174,7 @@ def _load_language_model(
     check_no_pickle_only(directory)
     with config_errors(directory / "config.json"):
         text_config = AutoConfig.for_model(lm_type, **fields)
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             directory,
             config=text_config,
             dtype=dtype if dtype is not None else "auto",
@@ -182,6 +183,7 @@ def _load_language_model(
             output_loading_info=True,
             trust_remote_code=False,
         )
+    model, info = loaded  # (model, loading info): transformers' annotation names the model alone
     # unexpected keys are the projector / tower (read separately); missing ones would be random weights
     missing = sorted(info.get("missing_keys", ()))
     if missing or info.get("mismatched_keys"):
