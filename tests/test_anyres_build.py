@@ -180,7 +180,7 @@ def test_cli_build_info_and_plan(parts, tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--anyres", "--grid-pinpoints", "32x"], "not HEIGHTxWIDTH"), (["--max-tiles", "2"], "need --anyres"),
+    [(["--anyres", "--grid-pinpoints", "32x"], "not HEIGHTxWIDTH"), (["--max-tiles", "2"], "--max-tiles: tiling options need anyres"),
      (["--anyres", "--grid-pinpoints", "32x50"], "multiples of vision.image_size=32")],
 )  # fmt: skip
 def test_cli_build_refuses_bad_tiling_options(parts, tmp_path, args, message):

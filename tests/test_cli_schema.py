@@ -126,3 +126,45 @@ def test_library_errors_name_fields_and_the_cli_shows_flags(record, tmp_path) ->
     )
     result, _ = record("--data", "d.json", "--out", tmp_path / "o", "--lr-scale", "vision")
     assert result.exit_code == 2 and "--lr-scale 'vision': expected KEY=NUMBER" in result.stderr
+
+
+def test_build_options_are_the_build_command_and_match_vlm_build() -> None:
+    """``vlmkit build``'s options are BuildOptions' fields; their defaults are VLM.build's."""
+    import inspect
+
+    from vlmkit.api import VLM
+    from vlmkit.cli.build import build_command
+    from vlmkit.models.options import BuildOptions
+
+    app = typer.Typer(cls=VlmkitGroup, add_completion=False)
+    app.command("build")(build_command)
+    app.command("noop")(lambda: None)
+    params = {p.name: p for p in get_command(app).commands["build"].params}  # type: ignore[attr-defined]
+    fields = {f.name: f for f in dataclasses.fields(BuildOptions)}
+    assert set(fields) <= set(params)
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING:
+            assert params[name].default is None and "required" in params[name].help
+        else:
+            assert params[name].default == f.default, name
+    kwargs = BuildOptions(vision="v", language="l").build_kwargs()
+    signature = inspect.signature(VLM.build).parameters
+    assert set(kwargs) <= set(signature)
+    for name in ("feature_layer", "select", "image_size", "resize_mode", "template", "system", "seed"):
+        assert kwargs[name] == signature[name].default, name
+    assert kwargs["resolution"] == signature["resolution"].default and kwargs["tiling"] is None
+
+
+def test_build_tiling_options_map_to_vlm_build() -> None:
+    from vlmkit.models.options import BuildOptions
+
+    tiled = BuildOptions(vision="v", language="l", anyres=True, grid_pinpoints="32x64, 64x32", unpad=False)
+    assert tiled.build_kwargs()["tiling"] == {"grid_pinpoints": [[32, 64], [64, 32]], "max_tiles": None,
+                                              "max_tile_tokens": None, "unpad": False, "image_newline": True,
+                                              "multi_image_base_only": False}  # fmt: skip
+    assert BuildOptions(vision="v", language="l", anyres=True).build_kwargs()["tiling"]["max_tiles"] == 4
+    for bad, field in ((dict(max_tiles=2), "max_tiles"), (dict(anyres=True, max_tiles=2, grid_pinpoints="32x32"),
+                       "grid_pinpoints"), (dict(anyres=True, grid_pinpoints="32x"), "grid_pinpoints")):  # fmt: skip
+        with pytest.raises(ConfigError) as caught:
+            BuildOptions(vision="v", language="l", **bad).build_kwargs()
+        assert caught.value.field == field

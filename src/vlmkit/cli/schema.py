@@ -64,7 +64,9 @@ def _option_type(derived: Derived) -> Any:
         return list[str] | None
     choices = derived.field.metadata.get("choices")
     if choices:
-        return Literal[tuple(choices)]
+        kind = Literal[tuple(choices)]
+        optional = isinstance(derived.hint, types.UnionType) and type(None) in typing.get_args(derived.hint)
+        return kind | None if optional else kind
     return derived.hint
 
 
