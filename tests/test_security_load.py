@@ -612,3 +612,20 @@ def test_resume_after_a_kill_before_the_first_checkpoint_does_not_duplicate_metr
     train(VLM.from_pretrained(tiny_vlm_dir), train_config(data, out, max_steps=4, resume=True))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_library_errors_from_bad_files_map_to_user_errors_centrally(tiny_vlm_dir, tmp_path):
+    """Readers that are not vlmkit's (eval's records, safetensors in any path) still end as one error line, rc 2."""
+    from safetensors import SafetensorError
+
+    from vlmkit.cli.common import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, report_exception
+
+    assert report_exception(SafetensorError("header too large"), debug=False) == EXIT_USER_ERROR
+    assert report_exception(RecursionError("maximum recursion depth exceeded while decoding a JSON array"),
+                            debug=False) == EXIT_USER_ERROR  # fmt: skip
+    assert report_exception(RecursionError("a bug"), debug=False) == EXIT_INTERNAL_ERROR  # not every one is
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = run_cli(
+        "eval", "--model", tiny_vlm_dir, "--data", tmp_path / "deep.json", "--image-folder", tmp_path
+    )
+    assert result.exit_code == 2 and result.stderr.startswith("error:") and "internal" not in result.stderr

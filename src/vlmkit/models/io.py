@@ -75,7 +75,8 @@ def check_no_remote_code(directory: Path) -> None:
             files = ", ".join(sorted({f"{m}.py" for m in modules})) or "custom code"
             raise ModelDirError(
                 f"{path}: its '{key}' entry asks to run Python code shipped with the model ({files}); vlmkit "
-                "never runs code from a model directory. Use a model that transformers supports natively."
+                "never runs code from a model directory (if transformers supports the model natively, delete the "
+                f"'{key}' entry)."
             )
 
 
