@@ -524,6 +524,17 @@ def test_too_long_records_are_truncated_or_skipped_and_counted(tiny_vlm_dir, pic
     assert len(cut[0].input_ids) < 48 and isinstance(cut[2], Skipped)
 
 
+def test_truncated_and_skipped_records_are_in_the_cli_report(tiny_vlm_dir, pictures, tmp_path):
+    data = write_data(pictures, [record("a"), record("long", answer="red " * 300), record("b")])
+    args = ["train", "--data", data, "--image-folder", pictures, "--out", tmp_path / "o", "--model", tiny_vlm_dir,
+            "--max-steps", "1", "--max-length", "48", "--too-long", "truncate", "--json"]  # fmt: skip
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["truncated"] == 1 and summary["skipped"] == 0
+    assert "0 record(s) skipped, 1 truncated to 48 tokens" in result.stderr
+
+
 def test_a_record_only_the_template_rejects_fails_before_step_one(tiny_vlm_dir, pictures, tmp_path):
     vlm = VLM.from_pretrained(tiny_vlm_dir)
     vlm.tokenizer.chat_template = (

@@ -87,7 +87,8 @@ def _run(config: TrainConfig, *, model: Path | None, as_json: bool) -> None:
         return
     summary = {"out": str(result.out), "steps": result.steps, "loss": result.loss, "eval_loss": result.eval_loss,
                "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
-               "elapsed_s": round(result.elapsed_s, 2), "stopped": result.stopped, "skipped": len(result.skipped)}  # fmt: skip
+               "elapsed_s": round(result.elapsed_s, 2), "stopped": result.stopped, "skipped": len(result.skipped),
+               "truncated": result.truncated}  # fmt: skip
     if as_json:
         write_json(summary | {"skipped_ids": sorted(result.skipped)})
     else:

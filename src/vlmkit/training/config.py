@@ -194,6 +194,7 @@ class TrainResult:
     stopped: str  # "done" | "max_minutes"
     skipped: dict[str, str]
     main_process: bool = True  # False on the other processes of a distributed run
+    truncated: int = 0  # records cut to max_length (--too-long truncate)
 
 
 @dataclass

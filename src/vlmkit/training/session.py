@@ -302,7 +302,7 @@ class RunSession:
         self.note(f"saved the trained model to {self.out} (step {t.step}, {how})")
         return TrainResult(out=self.out, steps=t.step, loss=t.last_loss, eval_loss=t.last_eval, tokens=t.tokens_seen,
                            tokens_per_s=self.tps, elapsed_s=elapsed, stopped=stopped,
-                           skipped=skipped, main_process=t.is_main)  # fmt: skip
+                           skipped=skipped, main_process=t.is_main, truncated=t.dataset.truncated)  # fmt: skip
 
     def _save_model(self, vlm: Any) -> None:
         """Merge LoRA (keeping the adapter aside), restore the input dtype, and add the model files to OUT."""
