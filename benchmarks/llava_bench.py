@@ -376,12 +376,12 @@ def measure_encode(vlm: Any, hf: Any, spec: Spec, images: list[bytes]) -> dict[s
     r, dev, b = spec.repeats, spec.device, spec.encode_batch
     pixels = vlm.processor.image_processor([images[i % len(images)] for i in range(b)])
     pixels = pixels.to(dev, vlm.model.dtype)
-    with torch.inference_mode():  # vlm._encode: the path requests take (oneDNN's GEMM on a CPU, encode_mode)
-        vlm._encode(pixels), hf.get_image_features(pixel_values=pixels)  # warm-up
-        ours = timed(lambda: vlm._encode(pixels), repeats=r, device=dev)
+    with torch.inference_mode():  # preparer.encode: the path requests take (oneDNN's GEMM on a CPU, encode_mode)
+        vlm.preparer.encode(pixels), hf.get_image_features(pixel_values=pixels)  # warm-up
+        ours = timed(lambda: vlm.preparer.encode(pixels), repeats=r, device=dev)
         theirs = timed(lambda: hf.get_image_features(pixel_values=pixels), repeats=r, device=dev)
         one = pixels[:1]
-        forward = timed(lambda: vlm._encode(one), repeats=r, device=dev)
+        forward = timed(lambda: vlm.preparer.encode(one), repeats=r, device=dev)
     image = images[0]
     vlm.clear_caches()
     whole = timed(lambda: _features(vlm, image, cache=False), repeats=r, device=dev)
@@ -403,8 +403,8 @@ def measure_encode(vlm: Any, hf: Any, spec: Spec, images: list[bytes]) -> dict[s
 def _features(vlm: Any, image: bytes, *, cache: bool) -> torch.Tensor:
     """What a request does for one image: hash + key (+ lookup), else decode + preprocess + encode."""
     with torch.inference_mode():
-        refs, keys = vlm._image_keys([image], hashed=True)
-        return vlm._image_features(refs, keys=keys, cache=cache)
+        refs, keys = vlm.preparer.image_keys([image], hashed=True)
+        return vlm.preparer.image_features(refs, keys=keys, cache=cache)
 
 
 def environment(spec: Spec) -> dict[str, Any]:

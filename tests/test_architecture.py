@@ -20,6 +20,7 @@ LAYERS = {
     "quantization": 4,  # rewrites a built model's linear layers; below everything that runs one
     "generation": 5,
     "cache": 5,
+    "runtime": 5.5,  # request preparation (image keys, features, caches) that VLM delegates to
     "api": 6,
     "training": 7,
     "evaluation": 7,

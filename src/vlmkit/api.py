@@ -5,24 +5,13 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 
-from vlmkit.cache import (
-    FeatureCache,
-    ImageRef,
-    ModelIdentity,
-    PrefixCache,
-    feature_key,
-    image_ref,
-    prompt_codes,
-)
-from vlmkit.cache.identity import config_digest
+from vlmkit.cache import FeatureCache, PrefixCache
 from vlmkit.config import (
     SCHEMA_VERSION,
     LanguageConfig,
@@ -31,10 +20,8 @@ from vlmkit.config import (
     TilingConfig,
     VLMConfig,
 )
-from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult, PromptKV, generate, stream
+from vlmkit.generation import DecodeOptions, GenerationConfig, GenerationResult, generate, stream
 from vlmkit.generation.backend import DecodeResources, decide
-from vlmkit.generation.cpu_llama.twins import onednn_gemm_twin
-from vlmkit.generation.kv_cache import new_cache, plain_layers
 from vlmkit.models.budget import check_fits, config_parts, element_bytes
 from vlmkit.models.io import (
     ModelDirError,
@@ -45,7 +32,6 @@ from vlmkit.models.io import (
     save_weights,
 )
 from vlmkit.models.language import ensure_vocab
-from vlmkit.models.language.protocols import lm_module
 from vlmkit.models.parts import (
     add_image_token,
     check_model_dir,
@@ -56,9 +42,9 @@ from vlmkit.models.parts import (
 )
 from vlmkit.models.vision import load_vision
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.processing.image import ImageInput, ImageProcessor, load_image
+from vlmkit.processing.image import ImageInput, ImageProcessor
 from vlmkit.processing.processor import Sample, VLMProcessor
-from vlmkit.processing.prompting import normalize_messages, pad_batch
+from vlmkit.processing.prompting import normalize_messages
 from vlmkit.processing.tokenizer_protocol import Tokenizer
 from vlmkit.quantization import (
     QuantizationError,
@@ -69,12 +55,13 @@ from vlmkit.quantization import (
     prepare_quantized,
     quantize_model,
 )
+from vlmkit.runtime.prepare import ENCODE_MODES as ENCODE_MODES  # re-exported: vlmkit.api.ENCODE_MODES
+from vlmkit.runtime.prepare import RequestPreparer, check_encode_mode
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 # LLaVA-1.5-7B: one image's features are 4.5 MiB (576 x 4096 x bf16) and one image prompt's KV ~300 MiB
 DEFAULT_FEATURE_CACHE_BYTES = 256 * 2**20
 DEFAULT_PREFIX_CACHE_BYTES = 1 * 2**30
-ENCODE_MODES = ("parallel", "sequential")
 GPU_SYNC_EVERY = 8  # decode steps queued between host syncs on GPU (non-streaming); CPU syncs every step
 # static_cache=None: preallocate from this batch size on (a dynamic cache copies all of its KV every step; measured
 # on CPU at batch 32: 87 vs 103 ms per step, no difference at batch 1 and 8)
@@ -100,16 +87,6 @@ def _as_list(images: ImageInput | Sequence[ImageInput] | None) -> list[ImageInpu
     if isinstance(images, str | bytes | Path) or not isinstance(images, Sequence):
         return [images]
     return list(cast(Sequence[ImageInput], images))  # mypy keeps ``bytes`` (a Sequence) in the union
-
-
-@dataclass
-class _Prepared:
-    """One request, ready for the decode loop: embeddings of the positions still to compute, the whole mask."""
-
-    embeds: torch.Tensor  # [batch, seq - past.length, dim]
-    mask: torch.Tensor  # [batch, seq]
-    past: PromptKV | None = None
-    on_prefill: Callable[[PromptKV], None] | None = None
 
 
 class VLM:
@@ -153,23 +130,17 @@ class VLM:
             num_image_tokens=model.num_image_tokens,
             anyres=model.anyres,
         )
-        self._encoder_identity = ModelIdentity(
-            [model.vision, model.projector] + ([model.tiling] if model.tiling is not None else []),
-            settings=[repr(model.config.vision), repr(model.config.projector)],
-        )
-        self._lm_identity = ModelIdentity(
-            [lm_module(model.language_model)], settings=repr(model.config.language)
-        )
-        self._preprocess_digest = config_digest(
-            self.processor.image_processor.to_dict(), model.anyres.to_dict() if model.anyres else None
-        )
-        self.enable_caches(feature_cache_bytes=feature_cache_bytes, feature_cache_dir=feature_cache_dir,
-                           feature_cache_disk_bytes=feature_cache_disk_bytes,
-                           prefix_cache_bytes=prefix_cache_bytes)  # fmt: skip
+        feature_cache, prefix_cache = _new_caches(
+            feature_cache_bytes=feature_cache_bytes, feature_cache_dir=feature_cache_dir,
+            feature_cache_disk_bytes=feature_cache_disk_bytes, prefix_cache_bytes=prefix_cache_bytes,
+        )  # fmt: skip
+        # request preparation: image keys, features and both caches (runtime/prepare.py)
+        self.preparer = RequestPreparer(model=self.model, processor=self.processor, feature_cache=feature_cache,
+                                        prefix_cache=prefix_cache, twins=self.decode_resources.twins,
+                                        encode_mode=encode_mode)  # fmt: skip
         self.set_decoding(
             compile=compile, static_cache=static_cache, sync_every=sync_every, speculative=speculative
         )
-        self.set_encode_mode(encode_mode)
 
     # ----------------------------------------------------------------------------------- inference options
 
@@ -182,11 +153,26 @@ class VLM:
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> VLM:
         """Replace both caches (empty) with these sizes; 0 bytes turns one off. Returns self."""
-        self.feature_cache = FeatureCache(
-            max_bytes=feature_cache_bytes, disk_dir=feature_cache_dir, disk_max_bytes=feature_cache_disk_bytes
-        )
-        self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
+        self.preparer.feature_cache, self.preparer.prefix_cache = _new_caches(
+            feature_cache_bytes=feature_cache_bytes, feature_cache_dir=feature_cache_dir,
+            feature_cache_disk_bytes=feature_cache_disk_bytes, prefix_cache_bytes=prefix_cache_bytes,
+        )  # fmt: skip
         return self
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        """Projected image features by image content (``stats()`` for its counters)."""
+        return self.preparer.feature_cache
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """Prompt-prefix KV reused by later batch-1 requests (``stats()`` for its counters)."""
+        return self.preparer.prefix_cache
+
+    @property
+    def encode_mode(self) -> str:
+        """``"parallel"`` or ``"sequential"`` (``set_encode_mode`` changes it)."""
+        return self.preparer.encode_mode
 
     def set_decoding(
         self,
@@ -209,9 +195,7 @@ class VLM:
 
     def set_encode_mode(self, mode: str) -> VLM:
         """``"parallel"`` or ``"sequential"`` image encoding (see the class docstring). Returns self."""
-        if mode not in ENCODE_MODES:
-            raise ValueError(f"encode_mode must be one of {ENCODE_MODES}, got {mode!r}")
-        self.encode_mode = mode
+        self.preparer.encode_mode = check_encode_mode(mode)
         return self
 
     def clear_caches(self, *, static_kv: bool = False) -> None:
@@ -437,7 +421,7 @@ class VLM:
         """``stream`` for a prepared ``Sample`` (any conversation); ``tokenizer`` may wrap ``self.tokenizer``
         (e.g. to count decoded tokens) and is what the loop decodes with."""
         config = GenerationConfig.from_kwargs(**generation)
-        prepared = self._prepare([sample], config=config)
+        prepared = self.preparer.prepare([sample], config=config)
         return stream(self.model.language_model, inputs_embeds=prepared.embeds, attention_mask=prepared.mask,
                       tokenizer=tokenizer or self.tokenizer, config=config, options=self._decode_options(batch=1),
                       past=prepared.past, on_prefill=prepared.on_prefill,
@@ -450,145 +434,15 @@ class VLM:
 
     def generate(self, samples: Sequence[Sample], **generation: Any) -> GenerationResult:
         config = GenerationConfig.from_kwargs(**generation)
-        prepared = self._prepare(samples, config=config)
+        prepared = self.preparer.prepare(samples, config=config)
         return generate(self.model.language_model, inputs_embeds=prepared.embeds, attention_mask=prepared.mask,
                         tokenizer=self.tokenizer, config=config, options=self._decode_options(batch=len(samples)),
                         past=prepared.past, on_prefill=prepared.on_prefill,
                         resources=self.decode_resources)  # fmt: skip
 
     def _prefill_inputs(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> inputs_embeds [batch, seq, dim] with images spliced in, attention_mask [batch, seq] (left padded).
-
-        Image features come through the feature cache; the prefix cache is not used (the whole prompt is embedded).
-        """
-        prepared = self._prepare(samples, config=None)
-        return prepared.embeds, prepared.mask
-
-    # ------------------------------------------------------------------------------------ request plumbing
-
-    @torch.inference_mode()
-    def _prepare(self, samples: Sequence[Sample], *, config: GenerationConfig | None) -> _Prepared:
-        """Tokenize, find reusable prompt KV (batch 1), embed only what is left, with cached image features."""
-        layouts = [self.processor.image_layouts(s.images) for s in samples]  # AnyRes: per image; else None
-        rows = [self.processor.encode_sample(s, add_generation_prompt=True, with_labels=False, layouts=lay)
-                for s, lay in zip(samples, layouts, strict=True)]  # fmt: skip
-        batch = pad_batch(rows, pad_token_id=self.processor.pad_token_id, side="left")
-        device = self.model.device
-        images = [image for s in samples for image in s.images]
-        flat_layouts = None if self.model.anyres is None else [lay for row in layouts for lay in row or []]
-        use_prefix = config is not None and self._prefix_applies(batch_size=len(samples), config=config)
-        hashed = use_prefix or self.feature_cache.enabled
-        refs, keys = self._image_keys(images, hashed=hashed, layouts=flat_layouts)
-        input_ids, past, on_prefill = batch["input_ids"], None, None
-        if use_prefix:
-            counts = self.processor.token_counts(flat_layouts)
-            codes = prompt_codes(input_ids[0].numpy(), image_token_id=self.config.prompt.image_token_id,
-                                 image_keys=keys, counts=counts)  # fmt: skip
-            past = self.prefix_cache.lookup(codes)
-            if past is not None:
-                done = _images_before(codes[: past.length], counts=counts, num_images=len(keys))
-                refs, keys, input_ids = refs[done:], keys[done:], input_ids[:, past.length :]
-                flat_layouts = flat_layouts[done:] if flat_layouts is not None else None
-            on_prefill = _inserter(self.prefix_cache, codes)
-        cache = self.feature_cache.enabled
-        features = self._image_features(refs, keys=keys, cache=cache, layouts=flat_layouts)
-        embeds = self.model.embed(input_ids=input_ids.to(device), image_features=features,
-                                  context_mask=batch["attention_mask"][:, -input_ids.shape[1] :].to(device))  # fmt: skip
-        return _Prepared(
-            embeds=embeds, mask=batch["attention_mask"].to(device), past=past, on_prefill=on_prefill
-        )
-
-    def _prefix_applies(self, *, batch_size: int, config: GenerationConfig) -> bool:
-        if not self.prefix_cache.enabled or batch_size != 1 or config.num_beams != 1:
-            return False
-        if self.model.text_conditioned:  # an image's tokens depend on the whole prompt, not on its prefix
-            return False
-        if not hasattr(self, "_plain_kv"):  # a sliding-window / hybrid cache cannot be cut at any position
-            self._plain_kv = plain_layers(new_cache(self.model.language_model))
-        return self._plain_kv
-
-    def _image_keys(
-        self, images: Sequence[ImageInput], *, hashed: bool, layouts: Sequence[Any] | None = None
-    ) -> tuple[list[ImageRef], list[str]]:
-        """Content keys of the images (and bind the caches to the current weights); unhashed: positional keys.
-
-        AnyRes ``layouts`` join the key: one image is tiled alone but not next to others (OneVision).
-        """
-        if not hashed:  # no cache will see them: skip hashing, key by position
-            keys = [str(i) for i in range(len(images))]
-            return [ImageRef(source=image, digest=key) for image, key in zip(images, keys, strict=True)], keys
-        disk = self.feature_cache.disk_dir is not None
-        encoder = self._encoder_identity.digest() if disk else self._encoder_identity.stamp()
-        encoder += f":{self.model.training}"
-        self.feature_cache.bind(encoder)
-        self.prefix_cache.bind(f"{encoder}|{self._lm_identity.stamp()}")
-        refs = [image_ref(image) for image in images]
-        views = [""] * len(refs) if layouts is None else [f":{lay.grid}" for lay in layouts]
-        keys = [
-            feature_key(image_digest=r.digest + view, encoder=encoder, preprocess=self._preprocess_digest)
-            for r, view in zip(refs, views, strict=True)
-        ]
-        return refs, keys
-
-    def _image_features(
-        self,
-        refs: Sequence[ImageRef],
-        *,
-        keys: Sequence[str],
-        cache: bool,
-        layouts: Sequence[Any] | None = None,
-    ) -> torch.Tensor | list[torch.Tensor] | None:
-        """[images, tokens, dim] in the order given (AnyRes: a list of [tokens_i, dim]); each distinct image is
-        encoded at most once."""
-        if not refs:
-            return None
-        device = self.model.device
-        found = {
-            key: f
-            for key in dict.fromkeys(keys)
-            if cache and (f := self.feature_cache.get(key, device=device)) is not None
-        }
-        todo = {key: ref for key, ref in zip(keys, refs, strict=True) if key not in found}
-        if todo and layouts is not None:
-            by_key = dict(zip(keys, layouts, strict=True))
-            encoded = self._encode_tiled([(r, by_key[k]) for k, r in todo.items()])
-            for key, features in zip(todo, encoded, strict=True):
-                found[key] = features
-                if cache:
-                    self.feature_cache.put(key, features)
-        if layouts is not None:  # AnyRes: counts differ per image
-            return [found[key] for key in keys]
-        if todo:
-            image_processor = self.processor.image_processor
-            pixels = torch.stack([image_processor.preprocess_one(r.rgb) if r.rgb is not None
-                                  else image_processor([r.source])[0] for r in todo.values()])  # fmt: skip
-            rows = self._encode(pixels)  # [new images, tokens, dim]
-            for key, features in zip(todo, rows, strict=True):
-                found[key] = features.clone() if cache else features  # a row view would pin the whole batch
-                if cache:
-                    self.feature_cache.put(key, found[key])
-        return torch.stack([found[key] for key in keys])
-
-    def _encode_tiled(self, items: Sequence[tuple[ImageRef, Any]]) -> list[torch.Tensor]:
-        """AnyRes: (image, layout) pairs -> one [tokens_i, dim] per image, all at once or one image at a time."""
-        anyres = self.model.anyres
-        assert anyres is not None  # called for a tiling model only
-        tiles = [anyres.preprocess(r.rgb if r.rgb is not None else load_image(r.source),
-                                   tiled=lay.grid != (0, 0)) for r, lay in items]  # fmt: skip
-        layouts = [lay for _, lay in items]
-        if self.encode_mode == "parallel":
-            return self.model.encode_images(torch.cat(tiles), layouts=layouts)
-        return [self.model.encode_images(t, layouts=[lay])[0] for t, lay in zip(tiles, layouts, strict=True)]
-
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixel_values [n, 3, S, S] -> [n, tokens, dim], all at once or one image at a time."""
-        together = self.encode_mode == "parallel" or pixels.shape[0] == 1
-        rows = self.model.vision.num_tokens * (pixels.shape[0] if together else 1)
-        # float32 on CPU: the same maths through oneDNN's faster GEMM (generation/cpu_llama/twins.py)
-        model = onednn_gemm_twin(self.model, rows=rows, twins=self.decode_resources.twins) or self.model
-        if together:
-            return model.encode_images(pixels)
-        return torch.cat([model.encode_images(pixels[i : i + 1]) for i in range(pixels.shape[0])])
+        """-> inputs_embeds [batch, seq, dim], attention_mask [batch, seq]: ``RequestPreparer.prefill_inputs``."""
+        return self.preparer.prefill_inputs(samples)
 
     def image_token_count(self, *, width: int, height: int, images_in_prompt: int = 1) -> int:
         """LM tokens one ``width`` x ``height`` image takes (fixed resolution: the same for every size)."""
@@ -649,24 +503,24 @@ def _tiling_for(resolution: str, tiling: TilingConfig | dict[str, Any] | None) -
     return tiling if tiling is not None else TilingConfig(max_tiles=4)
 
 
-def _images_before(codes: np.ndarray, *, counts: int | Sequence[int], num_images: int) -> int:
-    """How many whole images lie in ``codes`` (a reused prompt prefix; image positions have codes < 0)."""
-    seen = int(np.count_nonzero(codes < 0))
-    per_image = [counts] * num_images if isinstance(counts, int) else list(counts)
-    return int(np.searchsorted(np.cumsum(per_image), seen, side="right"))
-
-
 def _part_bytes(model: VisionLanguageModel) -> dict[str, int]:
     """Bytes held per part (quantized codes and scales included), and in all."""
     sizes = {name: part_bytes(getattr(model, name)) for name in ("vision", "projector", "language_model")}
     return sizes | {"total": part_bytes(model)}
 
 
-def _inserter(cache: PrefixCache, codes: np.ndarray) -> Callable[[PromptKV], None]:
-    def insert(kv: PromptKV) -> None:
-        cache.insert(codes, kv)
-
-    return insert
+def _new_caches(
+    *,
+    feature_cache_bytes: int,
+    feature_cache_dir: str | Path | None,
+    feature_cache_disk_bytes: int | None,
+    prefix_cache_bytes: int,
+) -> tuple[FeatureCache, PrefixCache]:
+    """Empty feature and prefix caches of these sizes (0 bytes: off)."""
+    feature = FeatureCache(
+        max_bytes=feature_cache_bytes, disk_dir=feature_cache_dir, disk_max_bytes=feature_cache_disk_bytes
+    )
+    return feature, PrefixCache(max_bytes=prefix_cache_bytes)
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
