@@ -256,3 +256,23 @@ def test_cross_attn_through_the_server(cross_vlm, images):
             if json.loads(e)["choices"]
         ]
         assert "".join(chunks) == expected[1]
+
+
+@pytest.mark.slow
+def test_projector_benchmark_dry_run(tmp_path):
+    """benchmarks/projectors.py end to end at tiny sizes: synth data, training, eval, interleaved timing, JSON."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "projectors.py"
+    out = tmp_path / "projectors.json"
+    run = subprocess.run([sys.executable, str(script), "--dry-run", "--projectors", "cross-attn,pixel-shuffle",
+                          "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert (
+        results["pixel-shuffle"]["visual_tokens_per_image"] == 16
+        and results["cross-attn"]["timing"]["rounds"] == 1
+    )
