@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from vlmkit.serving.engine import Completion, EngineStopped, Job, JobCancelled, QueueFull
 from vlmkit.serving.errors import APIError, internal_error
 from vlmkit.serving.inputs import Prepared
-from vlmkit.serving.request import ChatRequest, parse_chat_request, parse_json
+from vlmkit.serving.request import ChatRequest, json_object_limit, parse_chat_request, parse_json
 from vlmkit.serving.state import ServerState
 
 log = logging.getLogger("vlmkit.serving")
@@ -34,7 +34,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     engine, preparer = state.ready()
     settings = state.settings
     body = await read_body(request, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    chat = parse_chat_request(parse_json(body), image_token=state.image_token, max_images=settings.max_images,
+    limit = json_object_limit(max_messages=settings.max_messages, max_parts=settings.max_content_parts)
+    chat = parse_chat_request(parse_json(body, max_objects=limit), image_token=state.image_token,
+                              max_images=settings.max_images,
                               max_messages=settings.max_messages, max_parts=settings.max_content_parts)  # fmt: skip
     if chat.model not in (None, state.model_name):
         raise APIError(404, f"model {chat.model[:100]!r} does not exist; this server serves "

@@ -47,41 +47,82 @@ class ChatRequest:
     model: str | None = None
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+class _TooManyObjects(Exception):
+    pass
+
+
+def json_object_limit(*, max_messages: int, max_parts: int) -> int:
+    """Objects a valid request can have: itself, its messages, each part and its image_url, and a few options."""
+    return 1 + max_messages + 2 * max_parts + 64
+
+
+def parse_json(body: bytes, *, max_objects: int | None = None) -> dict[str, Any]:
     """The body as a JSON object (NaN / Infinity, absurd nesting and text that is not Unicode are refused).
 
     The body must be UTF-8 (RFC 8259; strict decoding refuses encoded surrogates), so a lone surrogate can only
-    come from a ``\\uD800``-style escape: only a body containing one has its strings walked to name the field.
+    come from an unpaired ``\\uD800``-style escape: only a body containing one is checked (one pass in C), and
+    only one that really has a lone surrogate is walked (at most ``_MAX_WALK`` values) to name the field.
     """
+    count = [0]
+
+    def counted(obj: dict[str, Any]) -> dict[str, Any]:
+        count[0] += 1
+        if max_objects is not None and count[0] > max_objects:
+            raise _TooManyObjects  # stops the parser: half a million messages are never all built
+        return obj
+
     try:
         text = body.decode("utf-8-sig")
-        data = json.loads(text, parse_constant=_no_constants)
+        data = json.loads(text, parse_constant=_no_constants, object_hook=counted)
+    except _TooManyObjects:
+        raise bad_request(f"the request body has more than {max_objects} JSON objects (messages, content parts and "
+                          "options); it cannot be a request this server accepts", code="too_many_messages",
+                          param="messages") from None  # fmt: skip
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(text):
+    if _SURROGATE_ESCAPE.search(text) and not _encodes(data):
         _check_strings(data)
+        raise bad_request("the request body contains text that is not valid Unicode (a lone UTF-16 surrogate)",
+                          code="invalid_text")  # fmt: skip
     return data
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# a \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the other way round (escaped pairs, which
+# JSON encoders write for emoji, do not match)
+_HIGH, _LOW = r"\\u[dD][89abAB][0-9a-fA-F]{2}", r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_SURROGATE_ESCAPE = re.compile(f"{_HIGH}(?!{_LOW})|(?<!{_HIGH}){_LOW}")
+# strings and containers looked at to name the field with a lone surrogate; a body with more is refused unnamed
+_MAX_WALK = 100_000
+
+
+def _encodes(data: Any) -> bool:
+    """Whether every string in ``data`` is valid Unicode (one pass in C; escaped pairs such as emoji are)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_strings(data: Any) -> None:
     """Every string (and key) must encode as UTF-8: JSON's ``"\\ud800"`` escape yields a lone surrogate that
     would fail deep inside the tokenizer or the response encoder. Iterative: nesting depth cannot recurse."""
     stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
+    budget = _MAX_WALK
+    while stack and budget > 0:
         where, value = stack.pop()
+        budget -= 1
         if isinstance(value, str):
             _checked_unicode(value, name=where, param=where)
         elif isinstance(value, dict):
-            for key, item in value.items():
+            for key, item in list(value.items())[:budget]:
                 _checked_unicode(key, name=f"a key of {where or 'the body'}", param=where or None)
                 stack.append((f"{where}.{key}" if where else key, item))
         elif isinstance(value, list):
-            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+            items = list(enumerate(value[:budget]))
+            stack.extend((f"{where}[{index}]", item) for index, item in reversed(items))  # document order
 
 
 def _checked_unicode(text: str, *, name: str, param: str | None) -> None:
