@@ -4,6 +4,7 @@ paths (batched, uncached, streamed, beams, static cache, the lean step), save ->
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -233,3 +234,51 @@ def _uncached_greedy(vlm, sample, *, steps: int) -> list[int]:
             break
         embeds = torch.cat((embeds, lm.get_input_embeddings()(torch.tensor([[token]]))), dim=1)
     return tokens
+
+
+@pytest.fixture(scope="module")
+def float_dir(float_vlm, tmp_path_factory):
+    return float_vlm.save_pretrained(tmp_path_factory.mktemp("quant-models") / "float")
+
+
+def test_cli_quantize(float_dir, images, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmkit.cli.main import app
+
+    picture = tmp_path / "a.png"
+    images[0].save(picture)
+    run = CliRunner().invoke
+    answer = run(app, ["ask", str(picture), "--prompt", PROMPTS[0], "--model", str(float_dir), "--quantize", "int8",
+                       "--max-new-tokens", "6"])  # fmt: skip
+    expected = VLM.from_pretrained(float_dir, quantize="int8").ask(
+        PROMPTS[0], images=[picture], max_new_tokens=6
+    )
+    assert answer.exit_code == 0 and answer.stdout.strip() == expected.strip()
+    info = run(app, ["info", "--model", str(float_dir), "--quantize", "int4", "--json"])
+    data = json.loads(info.stdout)
+    assert data["quantization"]["scheme"] == "int4-weight-only-grouped"
+    assert (
+        data["bytes"]["language_model"]
+        < json.loads(run(app, ["info", "--model", str(float_dir), "--json"]).stdout)["bytes"][
+            "language_model"
+        ]
+    )
+    refused = run(
+        app, ["ask", str(picture), "--prompt", "hi", "--model", str(float_dir), "--quantize", "nf4"]
+    )
+    assert refused.exit_code == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "CUDA" in lines[0]
+
+
+@pytest.mark.slow
+def test_compiled_decode_of_a_quantized_model(quantized):
+    """``compile=True`` (a torch.compile'd step over a static cache) runs the quantized layers: same answer."""
+    for vlm in quantized.values():
+        plain = vlm.ask(PROMPTS[1], max_new_tokens=6)
+        vlm.set_decoding(compile=True)
+        try:
+            assert vlm.ask(PROMPTS[1], max_new_tokens=6) == plain
+        finally:
+            vlm.set_decoding()
