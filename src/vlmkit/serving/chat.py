@@ -71,7 +71,7 @@ async def read_body(request: Request, *, limit: int, timeout_s: float | None = N
     408 when it has not fully arrived ``timeout_s`` after the request head (a slow client holds nothing long)."""
     try:
         return await asyncio.wait_for(_read_body(request, limit=limit), timeout=timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
                        code="request_timeout") from None  # fmt: skip
 

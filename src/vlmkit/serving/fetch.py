@@ -137,7 +137,7 @@ class URLFetcher:
             raise FetchError("http(s) image URLs are disabled on this server; send images as data: URLs")
         try:
             return await asyncio.wait_for(self._fetch(url), timeout=self.timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             raise FetchError("timed out fetching the image URL", code="image_url_timeout") from None
 
     async def _fetch(self, url: str) -> bytes:
