@@ -169,6 +169,13 @@ def test_save_load_identical_logits(quantized, images, tmp_path, method):
         VLM.from_pretrained(directory, quantize=other)
 
 
+def test_export_refuses_a_quantized_model(quantized, tmp_path):
+    from vlmkit.models.convert.export import export_hf_llava
+
+    with pytest.raises(ValueError, match="quantized language model"):
+        export_hf_llava(quantized["int8"], out=tmp_path / "hf")
+
+
 def test_from_pretrained_quantize(float_vlm, tmp_path):
     directory = float_vlm.save_pretrained(tmp_path / "float")
     vlm = VLM.from_pretrained(directory, quantize="int4")
