@@ -403,6 +403,9 @@ def test_slow_and_idle_clients_cannot_hold_the_server(tiny_vlm):
                           b"Content-Length: 1000\r\n\r\n{\"messages\": ")  # fmt: skip
         answer = _closed_within(slow_body, 6)
         assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        huge_head = _raw(server.port)  # a request head that goes on past 16 KiB
+        huge_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000)
+        assert _closed_within(huge_head, 5).startswith(b"HTTP/1.1 400")
         # a flood of idle connections: the longest-idle ones are closed to make room, /health stays up
         flood = [_raw(server.port) for _ in range(60)]
         _healthy(server.url)
