@@ -327,6 +327,32 @@ def test_shrunk_images_give_the_same_answer(tiny_vlm):
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == expected
 
 
+@pytest.mark.parametrize("mode", ["crop", "pad", "resize"])
+def test_fit_keeps_exactly_the_pixels_the_tower_sees(mode):
+    """``ImageProcessor.fit`` (what the server keeps of an image) preprocesses bit-identically to the original."""
+    import numpy as np
+    import torch
+
+    from vlmkit.processing.image import ImageProcessor
+
+    processor = ImageProcessor(image_size=32, image_mean=(0.48, 0.46, 0.41), image_std=(0.27, 0.26, 0.28),
+                               resize_mode=mode)  # fmt: skip
+    rng = np.random.default_rng(0)
+    for width, height, channels in [
+        (640, 480, 3),
+        (33, 1000, 3),
+        (1000, 33, 3),
+        (32, 32, 3),
+        (7, 10, 3),
+        (70, 50, 4),
+    ]:
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA" if channels == 4 else "RGB")
+        fitted = processor.fit(image)
+        assert fitted.size == (32, 32) and fitted.mode == "RGB"
+        assert torch.equal(processor.preprocess_one(fitted), processor.preprocess_one(image)), (width, height)
+
+
 @pytest.mark.slow
 def test_message_and_part_counts_are_bounded_and_one_heavy_request_stalls_nobody(tiny_vlm):
     with _serve_vlm(tiny_vlm, max_body_bytes=32 * 1024 * 1024) as server:
