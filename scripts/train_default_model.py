@@ -23,6 +23,9 @@ machine every phase runs there (accelerate picks the device); on 2 CPU cores the
    with the where objective on fresh, larger sets weighted to comparisons, counting, relations and changes.
 3. eval: exact match on ``vlmkit synth --n 15000 --seed 99`` (a seed never trained on), per task.
 
+``--chat`` adds a conversation phase after "gpu" (images arriving in later turns: ``synth --conversations``),
+not yet in the shipped model: on 2 shared CPU cores it was far too short to meet its targets.
+
 Each step is skipped when its output already exists, so an interrupted run picks up where it stopped. The
 ``--scale`` / ``--*-steps`` options shrink everything for a smoke test (tests/test_train_default_model.py).
 """
@@ -64,7 +67,6 @@ COUNT_DATA = {"all8": {"n": 40000, "seed": 3013}, "cnt9": {"n": 60000, "seed": 3
 # the model had only ever seen images in the first user turn; conversations bring them later (synth_conv.py)
 CHAT_DATA = {"convC": {"n": 30000, "seed": 3201, "conversations": True, "questions_per_image": 1},
              "allC": {"n": 40000, "seed": 3202}, "cmpC": {"n": 10000, "seed": 3203, "tasks": ["multi_compare"]}}  # fmt: skip
-CHAT_STEPS = 700
 PHASES = {
     "continue1": {"data": {"all": {"n": 120000, "seed": 2027}, "weak": {"n": 200000, "seed": 2028, "tasks": WEAK_TASKS}},
                   "steps": 4900, "lr": 1e-3},
@@ -85,10 +87,12 @@ PHASES = {
     "count": {"data": COUNT_DATA, "steps": 300, "lr": 3e-4, "where_weight": 0.5, "seed": 9},
     # on a GPU: 4,520 steps of 128 (4.8 epochs of its mix) at 7e-4 in fp32 (TF32 matmuls), 6 minutes there
     "gpu": {"data": GPU_DATA, "steps": 4520, "lr": 7e-4, "where_weight": 0.5, "seed": 12, "batch_size": 128},
-    # conversations: images arriving in later turns, follow-ups and "In the first image, ..." references,
-    # mixed with every single-turn task and comparisons so the single-turn table holds (CPU, two shared cores)
-    "chat": {"data": CHAT_DATA, "steps": CHAT_STEPS, "lr": 5e-4, "where_weight": 0.5, "seed": 14},
 }  # fmt: skip
+# Not in the shipped model yet (--chat runs it after "gpu"): conversations with images arriving in later turns,
+# follow-ups and "In the first image, ..." references, mixed with every single-turn task and comparisons so the
+# single-turn table holds. As run on 2 CPU cores shared with six other jobs (160 steps of 16, about 100 minutes),
+# it was far short of its targets (docs/training.md, "Conversations"); it needs many more steps (a GPU).
+CHAT_PHASE = {"data": CHAT_DATA, "steps": 160, "lr": 4e-4, "where_weight": 0.5, "seed": 14, "batch_size": 16}
 SYNTH_COMMON = {"questions_per_image": 6, "test_fraction": 0.01}
 HELD_OUT = {"n": 15000, "seed": 99}
 # fp32 in every phase, as each ran (the CPU ones and the GPU one), rather than bf16 autocast on a GPU
@@ -157,7 +161,7 @@ def continue_training(
     out = work / name
     if (out / "model.safetensors").exists():
         return out
-    phase = PHASES[name]
+    phase = PHASES[name] if name in PHASES else {"chat": CHAT_PHASE}[name]
     packed = mixed_data(work, sets=phase["data"], scale=scale, name=name)  # type: ignore[arg-type]
     vlm = VLM.from_pretrained(start)
     split_digits(vlm.tokenizer)
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=0, help="Data-loading processes for the continuation phases."
     )
+    parser.add_argument(
+        "--chat", action="store_true", help="Also run the conversation phase (not in the shipped model yet)."
+    )
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 1:
         parser.error(f"--scale must be in (0, 1], got {args.scale}")
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True  # as the GPU phase ran (no effect on CPU)
     base = train_base(work, scale=args.scale, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
     model = base
-    for name in PHASES:
+    for name in [*PHASES, *(["chat"] if args.chat else [])]:
         model = continue_training(work, start=model, name=name, scale=args.scale, steps=args.continue_steps,
                                   workers=args.workers)  # fmt: skip
     result = evaluate_model(work, model=model, scale=args.scale)

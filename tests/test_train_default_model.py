@@ -52,3 +52,14 @@ def test_reproduction_script_rejects_bad_options(tmp_path, option, capsys):
         script.main(["--work", str(tmp_path), *option])
     assert option[0] in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_chat_phase_data_keeps_conversations_whole(tmp_path):
+    # conversations pass through packing whole (images arrive in later user turns) beside packed single turns
+    packed = script.mixed_data(tmp_path, sets=script.CHAT_PHASE["data"], scale=0.0003, name="chat")
+    chat = json.loads(packed.read_text())
+    assert {r["id"].split("-")[0] for r in chat} == set(script.CHAT_DATA)
+    later = [turn for r in chat if r["id"].startswith("convC") for turn in r["conversations"][2:]]
+    assert any("<image>" in turn["value"] for turn in later)
+    assert all((packed.parent / image).is_file() for r in chat for image in
+               ([r["image"]] if isinstance(r["image"], str) else r["image"]))  # fmt: skip
