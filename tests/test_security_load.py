@@ -582,6 +582,17 @@ def test_images_outside_the_image_folder_are_refused_unless_allowed(kind, tiny_v
     assert isinstance(allowed[1], Example)
 
 
+def test_recipe_stage_one_reads_no_image_outside_the_folder(tiny_vlm_dir, pictures, tmp_path):
+    from vlmkit.training.recipes.vision_pretrain import build_triples
+
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "secret.png")
+    vlm = VLM.from_pretrained(tiny_vlm_dir)
+    records = [parse_record(record("a")), parse_record(record("b", image="../secret.png"))]
+    with pytest.raises(DataError, match="outside the image folder"):
+        build_triples(records, image_folder=pictures, tokenizer=vlm.tokenizer,
+                      processor=vlm.processor.image_processor, vocab=len(vlm.tokenizer))  # fmt: skip
+
+
 def test_cli_refuses_an_escaping_image_with_one_line(tiny_vlm_dir, pictures, tmp_path):
     Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "secret.png")
     data = write_data(pictures, [record("a"), record("b", image="../secret.png")])

@@ -211,16 +211,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def image_path(self, name: str) -> Path:
-        """``name`` under the image folder; a path that leaves it (``../``, absolute, a symlink out) is refused."""
-        path = self.image_folder / Path(name).expanduser()
-        if not self.allow_outside_images:
-            root, resolved = self.image_folder.resolve(), path.resolve()
-            if not resolved.is_relative_to(root):
-                raise DataError(
-                    f"image {name!r} resolves to {resolved}, outside the image folder {root}; fix the data or "
-                    "pass --allow-outside-images to read it"
-                )
-        return path
+        return image_in_folder(self.image_folder, name, allow_outside=self.allow_outside_images)
 
     def validate(self) -> None:
         """Check every record before training: image paths, template rendering, length (see the class doc)."""
@@ -345,6 +336,20 @@ class ConversationDataset(torch.utils.data.Dataset):
             pixel_values=torch.stack(pixels) if pixels else torch.empty((0, 3, size, size)),
             image_layouts=list(layouts or []),
         )
+
+
+def image_in_folder(folder: Path, name: str, *, allow_outside: bool = False) -> Path:
+    """``name`` under ``folder``; a path that leaves it (``../``, absolute, a symlink out) is a ``DataError``
+    unless ``allow_outside``: training data must not make vlmkit read files the user did not point it at."""
+    path = folder / Path(name).expanduser()
+    if not allow_outside:
+        root, resolved = folder.resolve(), path.resolve()
+        if not resolved.is_relative_to(root):
+            raise DataError(
+                f"image {name!r} resolves to {resolved}, outside the image folder {root}; fix the data or "
+                "pass --allow-outside-images to read it"
+            )
+    return path
 
 
 def default_max_length(lm_config: Any) -> int:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from vlmkit.data.dataset import image_in_folder
 from vlmkit.data.synth_render import draw_shape
 from vlmkit.data.synth_scene import BACKGROUNDS, COLOURS, GRID, KINDS, SIZES, DocumentScene, Scene, ShapeScene
 from vlmkit.models.vision.towers import VisionTower
@@ -89,7 +90,7 @@ def build_scene_labels(
     skipped = 0
     for name, scene in chosen.items():
         try:
-            pixels = uint8_pixels(load_image(Path(image_folder) / name), processor=processor)
+            pixels = uint8_pixels(load_image(image_in_folder(Path(image_folder), name)), processor=processor)
         except ImageLoadError:
             skipped += 1
             continue

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vlmkit.data.dataset import Record
+from vlmkit.data.dataset import Record, image_in_folder
 from vlmkit.models.vision.towers import VisionTower
 from vlmkit.processing.image import ImageLoadError, ImageProcessor, load_image
 from vlmkit.processing.tokenizer_protocol import Tokenizer
@@ -82,7 +82,7 @@ def build_triples(
         name = record.images[0]
         if name not in seen:
             try:
-                picture = load_image(image_folder / name)
+                picture = load_image(image_in_folder(image_folder, name))  # never outside the folder
             except ImageLoadError:
                 skipped += 1
                 continue
