@@ -120,6 +120,8 @@ def test_qlora_resumes_bitwise(qparts, data, tmp_path):
 def test_qlora_refusals(qparts, data, tmp_path):
     with pytest.raises(ConfigError, match="needs stage 'lora'"):
         StageConfig(stage="full", quantize="int8").validate()
+    with pytest.raises(ConfigError, match="cannot be combined with fsdp"):
+        config(data, tmp_path / "out", StageConfig(stage="lora", quantize="int8"), fsdp=True).validate()
     with pytest.raises(QuantizationError, match="needs bitsandbytes on a CUDA device"):
         train(
             fresh(qparts),

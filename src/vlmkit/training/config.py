@@ -68,6 +68,9 @@ class StageConfig:
         if self.quantize is not None and (self.stage != "lora" or self.quantize not in QUANT_METHODS):
             raise ConfigError(f"quantize={self.quantize!r} (QLoRA) needs stage 'lora' and one of {QUANT_METHODS}",
                               field="quantize")  # fmt: skip
+        if self.quantize is not None and (self.stage != "lora" or self.quantize not in QUANT_METHODS):
+            raise ConfigError(f"quantize={self.quantize!r} (QLoRA) needs stage 'lora' and one of {QUANT_METHODS}",
+                              field="quantize")  # fmt: skip
         if self.stage == "lora" and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}", field="lora_rank")
         unknown = set(self.lr_scales) - set(GROUP_ORDER)
@@ -168,6 +171,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.stage.validate()
+        if self.fsdp and self.stage.quantize is not None:  # FSDP shards parameters; a quantized base is buffers
+            raise ConfigError("quantize (QLoRA) cannot be combined with fsdp: run it with DDP", field="quantize")
         checks = {
             "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1, "keep_last": self.keep_last >= 1,
             "log_every": self.log_every >= 1, "epochs": self.epochs > 0, "workers": self.workers >= 0,
