@@ -68,9 +68,6 @@ class StageConfig:
         if self.quantize is not None and (self.stage != "lora" or self.quantize not in QUANT_METHODS):
             raise ConfigError(f"quantize={self.quantize!r} (QLoRA) needs stage 'lora' and one of {QUANT_METHODS}",
                               field="quantize")  # fmt: skip
-        if self.quantize is not None and (self.stage != "lora" or self.quantize not in QUANT_METHODS):
-            raise ConfigError(f"quantize={self.quantize!r} (QLoRA) needs stage 'lora' and one of {QUANT_METHODS}",
-                              field="quantize")  # fmt: skip
         if self.stage == "lora" and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}", field="lora_rank")
         unknown = set(self.lr_scales) - set(GROUP_ORDER)
