@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from vlmkit.config import ConfigError
+from vlmkit.config import ConfigError, read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +136,8 @@ ConfigFileOption = Annotated[
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        loaded = json.loads(path.expanduser().read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ConfigError(f"--config {path}: not valid JSON ({exc})") from None
+    """The package's one bounded JSON reader (regular file, size, nesting), told as ``--config FILE``."""
+    loaded = read_json(path.expanduser())
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of option values")
     return loaded
