@@ -21,6 +21,7 @@ from vlmkit.generation.cpu_llama.twins import TwinCache
 from vlmkit.generation.kv_cache import PromptKV
 from vlmkit.generation.runner import DynamicRunner
 from vlmkit.generation.stopping import RowState, StopStrings
+from vlmkit.models.language.protocols import LanguageModel
 
 
 class LeanRunner(DynamicRunner):
@@ -33,7 +34,7 @@ class LeanRunner(DynamicRunner):
 
     def __init__(
         self,
-        lm: Any,
+        lm: LanguageModel,
         *,
         attention_mask: torch.Tensor,
         past: PromptKV | None,
@@ -71,7 +72,7 @@ class SpeculativeRunner(LeanRunner):
 
     name = "speculative"
 
-    def __init__(self, lm: Any, *, draft: Float16Draft, draft_tokens: int, **lean: Any) -> None:
+    def __init__(self, lm: LanguageModel, *, draft: Float16Draft, draft_tokens: int, **lean: Any) -> None:
         super().__init__(lm, **lean)
         self.draft, self.draft_tokens = draft, draft_tokens
         self.name = "speculative"

@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlmkit.data.dataset import Record, read_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 RECIPE_DIR = Path(__file__).parent
 SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
@@ -72,7 +75,7 @@ def digit_pre_tokenizer() -> Any:
     )
 
 
-def split_digits(tokenizer: Any) -> Any:
+def split_digits(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     """``tokenizer`` (a fast byte-level BPE tokenizer) re-pointed at ``digit_pre_tokenizer``, in place.
 
     Every id keeps its meaning and every text still encodes (single digits are in the byte alphabet);
@@ -82,7 +85,7 @@ def split_digits(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def train_tokenizer(texts: list[str], *, vocab_size: int) -> Any:
+def train_tokenizer(texts: list[str], *, vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE over the data's own text (any string encodes; nothing maps to <unk>), one token per
     digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -104,7 +107,7 @@ def _texts(records: list[Record]) -> list[str]:
     return [m["content"].replace("<image>", " ") for r in records for m in r.messages]
 
 
-def save_parts(*, recipe: Recipe, tokenizer: Any, root: Path) -> tuple[Path, Path]:
+def save_parts(*, recipe: Recipe, tokenizer: PreTrainedTokenizerFast, root: Path) -> tuple[Path, Path]:
     """A new CLIP-style tower and a new Llama (+ tokenizer) saved as ordinary transformers directories."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
@@ -116,8 +119,9 @@ def save_parts(*, recipe: Recipe, tokenizer: Any, root: Path) -> tuple[Path, Pat
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_center_crop": False,
         "size": {"height": recipe.image_size, "width": recipe.image_size},
     }))  # fmt: skip
-    ids = {name: tokenizer.convert_tokens_to_ids(token)
-           for name, token in (("bos_token_id", "<s>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<pad>"))}  # fmt: skip
+    special = (("bos_token_id", "<s>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<pad>"))
+    # one token each, so one int id each (transformers declares int | list[int])
+    ids: dict[str, Any] = {name: tokenizer.convert_tokens_to_ids(token) for name, token in special}
     lm = LlamaForCausalLM(
         LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **ids, **recipe.language)
     )
