@@ -63,7 +63,7 @@ def _option_type(derived: Derived) -> Any:
         return list[str] | None
     choices = derived.field.metadata.get("choices")
     if choices:
-        kind = Literal[tuple(choices)]
+        kind: Any = Literal[tuple(choices)]  # a type built at runtime, for typer (not a static alias)
         optional = isinstance(derived.hint, types.UnionType) and type(None) in typing.get_args(derived.hint)
         return kind | None if optional else kind
     return derived.hint
