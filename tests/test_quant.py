@@ -289,3 +289,20 @@ def test_compiled_decode_of_a_quantized_model(quantized):
             assert vlm.ask(PROMPTS[1], max_new_tokens=6) == plain
         finally:
             vlm.set_decoding()
+
+
+def test_plan_cli_quantize(parts):
+    from typer.testing import CliRunner
+
+    from vlmkit.cli.main import app
+
+    def plan(*extra: str):
+        args = ["plan", "--vision", str(parts["clip"]), "--language", str(parts["llama"]), *extra]
+        return CliRunner().invoke(app, args)
+
+    lora, qlora = plan("--stage", "lora", "--json"), plan("--stage", "lora", "--quantize", "int8", "--json")
+    assert lora.exit_code == qlora.exit_code == 0
+    assert json.loads(qlora.stdout)["settings"]["quantize"] == "int8"
+    assert json.loads(qlora.stdout)["weights"] < json.loads(lora.stdout)["weights"]
+    refused = plan("--stage", "full", "--quantize", "int8")
+    assert refused.exit_code == 2 and "needs stage 'lora'" in refused.stderr
