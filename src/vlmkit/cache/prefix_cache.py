@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def prompt_codes(
         return codes
     positions = np.flatnonzero(codes == image_token_id)
     equal = counts is None or isinstance(counts, int)
-    per_image = len(positions) // len(image_keys) if equal else list(counts)  # type: ignore[arg-type]
+    per_image = len(positions) // len(image_keys) if equal else list(cast(Sequence[int], counts))
     image_codes = np.array(
         [-1 - (int(key[:15], 16)) for key in image_keys], dtype=np.int64
     )  # 60-bit, negative

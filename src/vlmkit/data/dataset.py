@@ -166,7 +166,8 @@ def _images_field(value: Any, *, at: str) -> tuple[str, ...]:
 def _message(turn: Any, *, at: str) -> dict[str, str]:
     if not isinstance(turn, dict):
         raise DataError(f"{at}: expected an object with 'from' and 'value'")
-    role = ROLE_MAP.get(turn.get("from"))  # type: ignore[arg-type]
+    speaker = turn.get("from")
+    role = ROLE_MAP.get(speaker) if isinstance(speaker, str) else None
     if role is None:
         raise DataError(f"{at}: field 'from' must be 'human', 'gpt' or 'system', got {turn.get('from')!r}")
     if not isinstance(turn.get("value"), str):

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from vlmkit.processing.text import check_text
 
@@ -137,11 +137,11 @@ def _as_stop_tuple(stop: str | Iterable[str] | None) -> tuple[str, ...] | Any:
     return stop  # validate() reports it
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -150,14 +150,14 @@ def _number_in(value: object, low: float, high: float) -> bool:
     if not _is_number(value):
         return False
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)
     except OverflowError:
         return False
     return math.isfinite(number) and low <= number <= high
 
 
 def _int_in(value: object, low: int, high: int) -> bool:
-    return _is_int(value) and low <= value <= high  # type: ignore[operator]
+    return _is_int(value) and low <= value <= high
 
 
 def _short(value: object) -> str:

@@ -67,7 +67,7 @@ def load_vision_tower(source: str | Path, *, dtype: torch.dtype | None = None) -
     path = check_model_dir(source)
     raw = read_json(path / "config.json")
     model_type = raw.get("model_type")
-    class_name = _VISION_CLASSES.get(model_type)  # type: ignore[arg-type]
+    class_name = _VISION_CLASSES.get(model_type) if isinstance(model_type, str) else None
     if class_name is None:
         raise ModelDirError(
             f"{path}: vision tower model_type {model_type!r} is not supported "

@@ -210,7 +210,8 @@ class ImageProcessor:
     @property
     def pad_colour(self) -> tuple[int, int, int]:
         """Letterbox fill for ``pad`` mode, as LLaVA computes it (truncation, not rounding)."""
-        return tuple(int(x * 255) for x in self.image_mean)  # type: ignore[return-value]
+        red, green, blue = (int(x * 255) for x in self.image_mean)
+        return red, green, blue
 
     def __call__(self, images: Sequence[ImageInput], *, max_pixels: int | None = None) -> torch.Tensor:
         """Load and preprocess a batch; an empty batch gives shape ``[0, 3, S, S]``."""

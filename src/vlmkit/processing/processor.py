@@ -85,7 +85,8 @@ class VLMProcessor:
         """Image tokens per placeholder: one count for all, or one per image (AnyRes layouts)."""
         if layouts is None:
             return self.num_image_tokens
-        return [self.anyres.num_tokens(layout) for layout in layouts]  # type: ignore[union-attr]
+        assert self.anyres is not None  # layouts come from AnyRes
+        return [self.anyres.num_tokens(layout) for layout in layouts]
 
     def encode_sample(
         self,
@@ -138,6 +139,8 @@ class VLMProcessor:
     def _call_anyres(
         self, samples: Sequence[Sample], *, padding_side: str, add_generation_prompt: bool, with_labels: bool
     ) -> dict[str, Any]:
+        anyres = self.anyres
+        assert anyres is not None  # called for an AnyRes processor only
         rows, pixels, layouts = [], [], []
         for sample in samples:
             images = [load_image(image) for image in sample.images]
@@ -146,7 +149,7 @@ class VLMProcessor:
                                            add_generation_prompt=add_generation_prompt, with_labels=with_labels,
                                            layouts=sample_layouts))  # fmt: skip
             for image, layout in zip(images, sample_layouts or [], strict=True):
-                pixels.append(self.anyres.preprocess(image, tiled=layout.grid != (0, 0)))  # type: ignore[union-attr]
+                pixels.append(anyres.preprocess(image, tiled=layout.grid != (0, 0)))
             layouts += sample_layouts or []
         batch: dict[str, Any] = pad_batch(rows, pad_token_id=self.pad_token_id, side=padding_side)
         size = self.image_processor.image_size
