@@ -54,7 +54,9 @@ class VLMProcessor:
             raise ValueError(
                 f"the tokenizer has no {prompt.image_token!r} token; add it as a special token first"
             )
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         if pad_token_id is None:  # batches could not be padded (``pad_batch`` fills with this id)
             raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         self.pad_token_id: int = pad_token_id

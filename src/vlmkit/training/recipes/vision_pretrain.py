@@ -69,7 +69,12 @@ class AnswerProbe(nn.Module):
 
 
 def build_triples(
-    records: Sequence[Record], *, image_folder: Path, tokenizer: Tokenizer, processor: ImageProcessor, vocab: int
+    records: Sequence[Record],
+    *,
+    image_folder: Path,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    vocab: int,
 ) -> Triples:
     """Single-image records -> triples; multi-image and text-only records do not teach one image."""
     images: list[torch.Tensor] = []
