@@ -144,3 +144,16 @@ def test_gemm_twin_encodes_images_as_the_model_does(tiny_vlm) -> None:
     torch.testing.assert_close(
         twin.encode_images(pixels), tiny_vlm.model.encode_images(pixels), rtol=1e-5, atol=1e-5
     )
+
+
+def test_quantized_tensor_subclass_weights_keep_their_own_path() -> None:
+    """torchao keeps ``nn.Linear`` modules with a tensor-subclass weight: oneDNN must not be handed that weight."""
+    from vlmkit.generation.cpu_llama.twins import _swap_linears
+
+    class QuantizedWeight(torch.Tensor):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].weight = torch.nn.Parameter(model[1].weight.detach().as_subclass(QuantizedWeight))
+    swapped = _swap_linears(model, lambda linear: torch.nn.Identity())
+    assert isinstance(swapped[0], torch.nn.Identity) and type(swapped[1]) is torch.nn.Linear

@@ -137,7 +137,11 @@ def onednn_gemm_twin(module: ModuleT, *, rows: int, twins: TwinCache) -> ModuleT
     if rows < ONEDNN_GEMM_MIN_ROWS or module.training or torch.is_grad_enabled() or not onednn_available():
         return None
     linears = [m for m in module.modules() if type(m) is nn.Linear]
-    if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
+    if (
+        not linears
+        or any(not _plain_weight(m) for m in linears)
+        or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears)
+    ):
         return None
     return _onednn(module, twins=twins)
 
@@ -153,9 +157,14 @@ def _twin(model: Any) -> Any:
     return copy.deepcopy(model, memo)
 
 
+def _plain_weight(linear: nn.Linear) -> bool:
+    """A weight oneDNN can read: a plain tensor, not a quantized tensor subclass (torchao keeps ``nn.Linear``)."""
+    return type(linear.weight) in (nn.Parameter, torch.Tensor)
+
+
 def _swap_linears(model: Any, make: Callable[[nn.Linear], nn.Module]) -> Any:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and _plain_weight(child):
                 setattr(parent, name, make(child))
     return model
