@@ -376,7 +376,9 @@ def measure_encode(vlm: Any, hf: Any, spec: Spec, images: list[bytes]) -> dict[s
     r, dev, b = spec.repeats, spec.device, spec.encode_batch
     pixels = vlm.processor.image_processor([images[i % len(images)] for i in range(b)])
     pixels = pixels.to(dev, vlm.model.dtype)
-    with torch.inference_mode():  # preparer.encode: the path requests take (oneDNN's GEMM on a CPU, encode_mode)
+    with (
+        torch.inference_mode()
+    ):  # preparer.encode: the path requests take (oneDNN's GEMM on a CPU, encode_mode)
         vlm.preparer.encode(pixels), hf.get_image_features(pixel_values=pixels)  # warm-up
         ours = timed(lambda: vlm.preparer.encode(pixels), repeats=r, device=dev)
         theirs = timed(lambda: hf.get_image_features(pixel_values=pixels), repeats=r, device=dev)

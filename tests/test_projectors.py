@@ -67,5 +67,7 @@ def test_registry_adds_a_projector_in_one_line():
 
 
 def test_unknown_projector_lists_known():
-    with pytest.raises(ValueError, match="unknown projector type 'nope'.*cross-attn, linear, mlp, pixel-shuffle, resampler"):
+    with pytest.raises(
+        ValueError, match="unknown projector type 'nope'.*cross-attn, linear, mlp, pixel-shuffle, resampler"
+    ):
         build_projector(config=ProjectorConfig(type="nope"), in_dim=4, out_dim=4)

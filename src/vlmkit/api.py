@@ -278,9 +278,7 @@ class VLM:
             prompt=prompt,
         )
         torch.manual_seed(seed)  # reproducible projector initialisation
-        model = VisionLanguageModel(
-            config=config, vision=encoder, language_model=language_model
-        )
+        model = VisionLanguageModel(config=config, vision=encoder, language_model=language_model)
         return cls(model=model.to(language_model.dtype), tokenizer=tokenizer, **options)
 
     @classmethod
@@ -466,7 +464,9 @@ class VLM:
         counts = {name: parameter_count(getattr(m, name))
                   for name in ("vision", "projector", "language_model")}  # fmt: skip
         return {
-            "vision": getattr(m.vision, "description", m.vision.model_type),  # library / fused towers name more
+            "vision": getattr(
+                m.vision, "description", m.vision.model_type
+            ),  # library / fused towers name more
             "language": self.config.language.hf_config.get("model_type"),
             "projector": self.config.projector.type,
             "image_size": self.config.vision.image_size,

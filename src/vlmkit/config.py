@@ -179,7 +179,9 @@ class ProjectorConfig:
         _require(self.num_queries >= 1, "projector.num_queries", f"must be >= 1, got {self.num_queries}")
         _require(self.num_layers >= 1, "projector.num_layers", f"must be >= 1, got {self.num_layers}")
         _require(self.num_heads >= 1, "projector.num_heads", f"must be >= 1, got {self.num_heads}")
-        _require(self.shuffle_factor >= 1, "projector.shuffle_factor", f"must be >= 1, got {self.shuffle_factor}")
+        _require(
+            self.shuffle_factor >= 1, "projector.shuffle_factor", f"must be >= 1, got {self.shuffle_factor}"
+        )
 
 
 @dataclass
@@ -219,7 +221,9 @@ class QuantizationConfig:
     def validate(self) -> None:
         _require(self.method in QUANT_METHODS, "quantization.method",
                  f"must be one of {QUANT_METHODS}, got {self.method!r}")  # fmt: skip
-        _require(self.group_size is None or self.group_size > 0, "quantization.group_size", "must be positive")
+        _require(
+            self.group_size is None or self.group_size > 0, "quantization.group_size", "must be positive"
+        )
 
 
 @dataclass

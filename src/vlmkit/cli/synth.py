@@ -25,7 +25,10 @@ def synth_command(
     ] = 0.1,
     tasks: Annotated[
         str | None,
-        typer.Option("--tasks", help="Comma-separated tasks (default: all but the opt-in multi_count; see docs/eval.md)."),
+        typer.Option(
+            "--tasks",
+            help="Comma-separated tasks (default: all but the opt-in multi_count; see docs/eval.md).",
+        ),
     ] = None,
     questions_per_image: Annotated[
         int,

@@ -230,7 +230,9 @@ class VisionLanguageModel(nn.Module):
         """
         device = self.device
         if self.text_conditioned:
-            context_mask = _prompt_mask(input_ids, attention_mask=attention_mask, labels=labels, extra=context_mask)
+            context_mask = _prompt_mask(
+                input_ids, attention_mask=attention_mask, labels=labels, extra=context_mask
+            )
         embeds = self.embed(input_ids=input_ids.to(device), pixel_values=pixel_values,
                             image_features=image_features, image_layouts=image_layouts,
                             context_mask=context_mask)  # fmt: skip

@@ -168,8 +168,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.stage.validate()
-        if self.fsdp and self.stage.quantize is not None:  # FSDP shards parameters; a quantized base is buffers
-            raise ConfigError("quantize (QLoRA) cannot be combined with fsdp: run it with DDP", field="quantize")
+        if (
+            self.fsdp and self.stage.quantize is not None
+        ):  # FSDP shards parameters; a quantized base is buffers
+            raise ConfigError(
+                "quantize (QLoRA) cannot be combined with fsdp: run it with DDP", field="quantize"
+            )
         checks = {
             "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1, "keep_last": self.keep_last >= 1,
             "log_every": self.log_every >= 1, "epochs": self.epochs > 0, "workers": self.workers >= 0,

@@ -50,7 +50,9 @@ class TokenLoss(nn.Module):
 
         AnyRes: pixel_values / vision_features hold every tile ([tiles, ...]) and ``image_layouts`` one per image."""
         if image_layouts is not None and self.where_weight > 0:
-            raise ValueError("the where objective reads a square grid per image; it does not apply to AnyRes tiles")
+            raise ValueError(
+                "the where objective reads a square grid per image; it does not apply to AnyRes tiles"
+            )
         image_features: ImageFeatures | None = None
         blank: ImageFeatures | None = None
         if vision_features is not None and self.model.text_conditioned:  # projected in the model's embed

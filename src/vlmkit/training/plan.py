@@ -143,14 +143,18 @@ def shape_from_configs(
         vision_cfg = vision
     else:
         hf_vision = vision.to_dict() | {"model_type": vision.model_type}
-        vision_cfg = VisionConfig(hf_config=hf_vision, image_size=image_size or vision.image_size, select=select)
+        vision_cfg = VisionConfig(
+            hf_config=hf_vision, image_size=image_size or vision.image_size, select=select
+        )
     projector_cfg = projector if isinstance(projector, ProjectorConfig) else ProjectorConfig(type=projector)
     with torch.device("meta"):
         encoder = build_vision_encoder(config=vision_cfg)
         lm = AutoModelForCausalLM.from_config(language, trust_remote_code=False)
         lm_dim = lm.get_input_embeddings().weight.shape[1]
         proj = build_projector(config=projector_cfg, in_dim=encoder.hidden_size, out_dim=lm_dim)
-    deepest = max(getattr(encoder, "towers", [encoder]), key=lambda m: len(_layers(m.model)))  # fused: a member
+    deepest = max(
+        getattr(encoder, "towers", [encoder]), key=lambda m: len(_layers(m.model))
+    )  # fused: a member
     vision_layers, lm_layers = _layers(deepest.model), _layers(lm)
     return ModelShape(
         vision_params=_count(encoder), projector_params=_count(proj), lm_params=_count(lm),

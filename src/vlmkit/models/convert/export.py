@@ -103,7 +103,9 @@ def unrepresentable_reasons(model: Any) -> list[str]:
     if config.prompt.image_token_id is None:
         reasons.append("no image token in the tokenizer")
     if config.quantization is not None:  # llava-hf's layout has no place for vlmkit's codes and scales
-        reasons.append(f"a quantized language model ({config.quantization.scheme}; export the unquantized one)")
+        reasons.append(
+            f"a quantized language model ({config.quantization.scheme}; export the unquantized one)"
+        )
     wrapped = [name for name, part in (("language model", model.language_model), ("vision tower", vision.model))
                if hasattr(part, "peft_config")]  # fmt: skip
     if wrapped:  # their weight names are peft's; merging (vlmkit.training.lora.merge_lora) rewrites the model

@@ -98,6 +98,7 @@ def load_llava_original(
             model.tiling.image_newline.copy_(extra[NEWLINE_KEY])
     return model.to(dtype or language_model.dtype), tokenizer
 
+
 def original_tiling(raw: dict[str, Any], *, tile_size: int, directory: Path) -> TilingConfig:
     """LLaVA-NeXT's ``image_aspect_ratio`` anyres[_max_N], ``image_grid_pinpoints`` ((width, height) pairs, or
     a "(1x1),...,(6x6)" grid range) and ``mm_patch_merge_type`` as vlmkit tiling (pinpoints as (height, width))."""
@@ -130,7 +131,6 @@ def _original_pinpoints(value: Any, *, tile_size: int) -> tuple[tuple[int, int],
     if isinstance(value, list) and value and all(isinstance(p, list) and len(p) == 2 for p in value):
         return tuple((int(h), int(w)) for w, h in value)  # LLaVA lists (width, height)
     return None
-
 
 
 def _check_config(
