@@ -169,7 +169,8 @@ def continue_training(
         vlm = VLM(model=expand_language_layers(vlm.model), tokenizer=vlm.tokenizer)
     stage = StageConfig(stage="full", freeze_vision=False, lr=phase["lr"],  # type: ignore[arg-type]
                         lr_scales={"projector": 1.0, "vision": COMMON["vision_lr_scale"]})  # fmt: skip
-    config = TrainConfig(data=packed, out=out, image_folder=packed.parent, stage=stage,
+    # the data folder itself: the mix folder's links to its sets would point outside the image folder
+    config = TrainConfig(data=packed, out=out, image_folder=packed.parent.parent, stage=stage,
                          batch_size=phase.get("batch_size", COMMON["batch_size"]), max_steps=steps or phase["steps"],
                          schedule_steps=None if steps else phase.get("schedule_steps"),
                          warmup_ratio=COMMON["warmup_ratio"], save_every=1000, keep_last=1, log_every=10,
