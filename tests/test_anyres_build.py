@@ -77,6 +77,7 @@ def test_built_model_counts_tokens_by_image_size(next_like):
     assert next_like.info(image_size=(64, 32))["image_tokens"] == counts[(64, 32)]
 
 
+@pytest.mark.slow
 def test_built_model_answers_batches_as_alone_and_round_trips(next_like, tmp_path):
     images = [pics((90, 40), seed=1), pics((20, 200), seed=2), pics((64, 64), (8, 8), seed=3)]
     prompts = [PROMPT, "Describe it.", "<image> or <image>?"]
@@ -232,6 +233,7 @@ def test_cli_export_formats(next_like, tmp_path):
     assert refused.exit_code == 2 and len(lines) == 1 and "AnyRes tiling" in lines[0], refused.output
 
 
+@pytest.mark.slow
 def test_feature_cache_key_includes_the_tiling(parts, tmp_path):
     """Two models that differ only in their tiling share a disk feature cache without reading each other's
     entries: each answers as it does with no cache at all."""

@@ -226,6 +226,7 @@ def test_internal_error_exit_1_traceback_only_with_debug(model_dir, monkeypatch)
 # --------------------------------------------------------------------------------------- console script
 
 
+@pytest.mark.slow
 def test_console_script_subprocess(model_dir, pictures, tmp_path):
     script = shutil.which("vlmkit", path=str(Path(sys.executable).parent)) or shutil.which("vlmkit")
     assert script, "the vlmkit console script is not installed (pip install -e .)"

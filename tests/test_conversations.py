@@ -174,6 +174,7 @@ def test_bad_turn_labels_are_skipped_with_a_reason(folder):
     assert report.n == 0 and "'turns'" in report.skipped_samples[0].reason
 
 
+@pytest.mark.slow
 def test_cli_synth_and_eval_conversations(folder, tmp_path):
     from vlmkit.cli.main import app
 

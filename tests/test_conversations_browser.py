@@ -29,6 +29,8 @@ from vlmkit.data.synth_scene import DocumentScene, Shape, ShapeScene  # noqa: E4
 from vlmkit.serving.app import create_app  # noqa: E402
 from vlmkit.serving.limits import ServerSettings  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 SHAPES = ShapeScene(size=64, background="grey", shapes=(
     Shape(kind="circle", colour="yellow", size="large", row=0, col=0, dx=0.2, dy=-0.3),
     Shape(kind="triangle", colour="yellow", size="small", row=2, col=2, dx=-0.5, dy=0.1),

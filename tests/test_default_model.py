@@ -12,6 +12,8 @@ from vlmkit.api import DEFAULT_MODEL_DIR, VLM
 from vlmkit.data.synth import generate_dataset
 from vlmkit.evaluation.runner import evaluate
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 

@@ -15,6 +15,7 @@ def logits(vlm: VLM, images) -> torch.Tensor:
         return vlm.model.eval()(**batch).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("language", "after", "layers"), [("llama", None, 2), ("qwen2", [1], 1)])
 def test_grown_model_gives_the_same_logits_and_answers(parts, images, tmp_path, language, after, layers):
     vlm = VLM.build(vision=parts["clip"], language=parts[language], projector="mlp")

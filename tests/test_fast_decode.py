@@ -143,6 +143,7 @@ def test_vlm_batch_equals_single_with_every_fast_path(tiny_vlm, images) -> None:
     assert fast.feature_cache.stats()["hits"] == 3 and fast.prefix_cache.stats()["lookups"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error:compiled decode step failed")
 def test_compiled_decode_equals_eager(tiny_vlm, images) -> None:
     """Real torch.compile (inductor, CPU) of the decode step, with prefix reuse and streaming on top."""
@@ -171,6 +172,7 @@ def test_decode_options_validate() -> None:
     assert DecodeOptions(compile={"backend": "eager"}).uses_static_cache
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_dry_run(tmp_path) -> None:
     """benchmarks/bench_gpu.py end to end at tiny shapes on CPU (the real run needs an H100)."""
     import sys

@@ -24,6 +24,8 @@ from vlmkit.training.config import TrainConfig
 from vlmkit.training.session import train
 from vlmkit.training.stages import StageConfig
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
 
 # name -> (stage options, train options). FSDP: 2 processes x batch 2 (or as given) against 1 process with the

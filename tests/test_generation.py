@@ -98,6 +98,7 @@ def test_kv_cached_greedy_equals_full_recomputation(model: tuple[Any, Any]) -> N
     assert result.finish_reasons == ["length"]
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(model: tuple[Any, Any]) -> None:
     lm, tokenizer = model
     expected = hf_generate(lm, tokenizer, PROMPTS, do_sample=False, max_new_tokens=20)
@@ -105,6 +106,7 @@ def test_greedy_matches_transformers_generate(model: tuple[Any, Any]) -> None:
     assert ours.token_ids == expected
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_each_prompt_alone(model: tuple[Any, Any]) -> None:
     lm, tokenizer = model
     batch = run(lm, tokenizer, PROMPTS, max_new_tokens=12)
@@ -155,6 +157,7 @@ def test_one_beam_equals_greedy(model: tuple[Any, Any]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_beam_search_matches_transformers(model: tuple[Any, Any]) -> None:
     lm, tokenizer = model
     expected = hf_generate(lm, tokenizer, PROMPTS, do_sample=False, num_beams=3, max_new_tokens=12)
@@ -175,6 +178,7 @@ def test_beam_search_matches_transformers_with_early_eos(models: dict[str, tuple
     assert ours.token_ids == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_stop_strings_match_transformers(models: dict[str, tuple[Any, Any]], num_beams: int) -> None:
     lm, tokenizer = models["llama"]
@@ -208,6 +212,7 @@ def test_cache_reorder_selects_rows_with_and_without_the_helper(models: dict[str
 # --- sampling -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model: tuple[Any, Any]) -> None:
     lm, tokenizer = model
     rng_before = torch.get_rng_state()
@@ -221,6 +226,7 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model: tupl
     assert any(other != first for other in others)
 
 
+@pytest.mark.slow
 def test_top_k_one_sampling_equals_greedy(model: tuple[Any, Any]) -> None:
     lm, tokenizer = model
     greedy = run(lm, tokenizer, PROMPTS, max_new_tokens=12).token_ids
@@ -237,6 +243,7 @@ def test_tiny_top_p_sampling_equals_greedy(models: dict[str, tuple[Any, Any]]) -
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_repetition_penalty_matches_transformers(model: tuple[Any, Any], num_beams: int) -> None:
     # Unpadded prompts only: with inputs_embeds, transformers >= 5.2x skips the first <pad count> *generated*
@@ -285,6 +292,7 @@ def test_stop_string_spanning_tokens_cuts_text_and_stops_early(model: tuple[Any,
     assert result.token_ids[0] == free.token_ids[0][: len(result.token_ids[0])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [False, True])
 def test_stream_joined_equals_generate(model: tuple[Any, Any], sampling: bool) -> None:
     lm, tokenizer = model

@@ -216,6 +216,7 @@ def test_cross_attn_refuses_anyres_tiling(parts):
         VLM.build(vision=parts["clip"], language=parts["llama"], projector="cross-attn", resolution="anyres")
 
 
+@pytest.mark.slow
 def test_cross_attn_through_the_server(cross_vlm, images):
     """The server's batched and streamed answers equal ``chat`` on the same messages."""
     pytest.importorskip("fastapi")

@@ -15,6 +15,7 @@ def test_unknown_recipe_lists_known():
         Recipe.load("nope")
 
 
+@pytest.mark.slow
 def test_recipe_learns_colours_well_above_chance(tmp_path):
     data = tmp_path / "data"
     generate_dataset(data, n=500, seed=3, tasks=["vqa_colour"], test_fraction=0.2)

@@ -20,6 +20,7 @@ def processor(size: int = 64) -> ImageProcessor:
     )
 
 
+@pytest.mark.slow
 def test_every_shape_owns_patches_of_its_own_colour():
     rng = random.Random(0)
     for _ in range(300):
@@ -73,6 +74,7 @@ def test_text_targets_spell_every_line(tmp_path):
         assert spelled[: len(doc.lines())] == doc.lines() and not any(spelled[len(doc.lines()) :])
 
 
+@pytest.mark.slow
 def test_build_labels_from_a_synth_set_and_learn(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -109,6 +111,7 @@ def test_no_scene_for_any_image_is_a_clear_error(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_where_objective_puts_each_tokens_place_into_the_tower(tmp_path):
     """With ``where`` the tower's tokens name their own grid cell: after the same 120 steps a linear probe
     (trained on other images' tokens) finds the column of far more tokens than without it."""

@@ -460,6 +460,7 @@ def _bad_cases(image_port: int) -> list[tuple[str, Any, dict[str, str] | None, i
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bad_request_table(live, client, image_server, pngs):
     cases = _bad_cases(image_server.port)
     assert len(cases) >= 30
@@ -781,6 +782,7 @@ def test_health_503_while_loading_then_ready(tiny_vlm):
 # ------------------------------------------------------------------------------------------------- load
 
 
+@pytest.mark.slow
 def test_load_32_clients_x_5_requests(live, pngs):
     prompts = [(user(image_part(data_url(pngs[i % 3])), f"Question {i}: what colour?") if i % 2 else
                 user(f"Tell me about shape {i}.")) for i in range(8)]  # fmt: skip
@@ -854,6 +856,7 @@ def test_cli_rejects_bad_options(tmp_path):
         busy.close()
 
 
+@pytest.mark.slow
 def test_cli_serves_a_model_dir_and_stops_on_sigterm(tiny_vlm_dir):
     code = ("import typer, sys; from vlmkit.cli.serve import serve_command; app = typer.Typer(); "
             "app.command()(serve_command); app(sys.argv[1:])")  # fmt: skip

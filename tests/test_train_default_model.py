@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import train_default_model as script  # noqa: E402
 
 
+@pytest.mark.slow
 def test_reproduction_script_runs_every_step_and_resumes(tmp_path):
     args = ["--work", str(tmp_path), "--scale", "0.0003", "--stage1-steps", "2", "--stage2-steps", "2",
             "--continue-steps", "2"]  # fmt: skip

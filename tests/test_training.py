@@ -404,6 +404,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(parts, data, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -467,6 +468,7 @@ def test_cli_train_end_to_end(tiny_vlm_dir, data, tmp_path):
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --data") and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_dry_run(tmp_path):
     """benchmarks/train_gpu.py needs a GPU; --dry-run runs the same code at tiny shapes on CPU."""
     script = Path(__file__).parents[1] / "benchmarks" / "train_gpu.py"

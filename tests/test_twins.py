@@ -68,6 +68,7 @@ def test_onednn_decode_step_is_the_models_maths(lm, any_size) -> None:
     torch.testing.assert_close(caches[0].layers[1].keys, caches[1].layers[1].keys, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_greedy_answers_are_the_same_with_and_without_onednn(lm, any_size) -> None:
     fast = [_greedy(lm, seed=seed) for seed in range(4)]
