@@ -12,6 +12,7 @@ import os
 import stat
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,9 +273,15 @@ class VLMConfig:
         return cls.from_dict(data)
 
 
-def _require(ok: bool, name: str, message: str) -> None:
+def require(ok: bool, *, field: str, message: str | Callable[[], str]) -> None:
+    """The package's one validation helper: a failed check is a ``ConfigError`` naming ``field`` (the CLI shows its
+    flag, the server a 400 naming it). ``message`` may be a callable, so a passing check builds no text."""
     if not ok:
-        raise ConfigError(f"config field '{name}' {message}")
+        raise ConfigError(message() if callable(message) else message, field=field)
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    require(ok, field=name, message=lambda: f"config field '{name}' {message}")
 
 
 def _from_dict(cls: type, data: Any, *, prefix: str) -> Any:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from vlmkit.config import require
 from vlmkit.processing.text import check_text
 
 # sampling divides logits by the temperature: near 0 that overflows float32 (1e-300 is 0.0 there, and the
@@ -166,8 +167,7 @@ def _short(value: object) -> str:
 
 
 def _require(ok: bool, name: str, expected: str, config: GenerationConfig) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {_short(getattr(config, name))}")
+    require(ok, field=name, message=lambda: f"{name} must be {expected}, got {_short(getattr(config, name))}")
 
 
 @dataclass
