@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -46,16 +47,25 @@ def export_hf_llava(vlm: Any, *, out: str | Path) -> Path:
     reasons = unrepresentable_reasons(model)
     if reasons:
         raise ValueError("cannot export to hf-llava: " + "; ".join(reasons))
-    target = check_export_target(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        llava = assemble_llava(model, tokenizer=tokenizer)
-        llava.save_pretrained(staging)
+
+    def write(staging: Path) -> None:
+        assemble_llava(model, tokenizer=tokenizer).save_pretrained(staging)
         processor = llava_processor(model, tokenizer=tokenizer)
         processor.save_pretrained(staging)
         # transformers 5 nests this in processor_config.json; the separate file is what every version reads
         processor.image_processor.save_pretrained(staging)
+
+    return write_export(out, write=write)
+
+
+def write_export(out: str | Path, *, write: Callable[[Path], None]) -> Path:
+    """Run ``write(staging)`` in a new directory beside ``out``, then move it into place: an export never
+    overwrites anything and never leaves half a directory behind."""
+    target = check_export_target(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(staging)
         if target.exists():
             target.rmdir()  # empty, checked above
         staging.rename(target)

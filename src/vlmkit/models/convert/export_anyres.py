@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,10 @@ from torch import nn
 
 from vlmkit.models.convert.export import (
     _lm_with_image_token,
-    check_export_target,
     feature_select_strategy,
     llava_chat_template,
     unrepresentable_reasons,
+    write_export,
 )
 from vlmkit.models.convert.llava_hf import BICUBIC
 from vlmkit.models.language.protocols import LanguageModel
@@ -68,19 +66,12 @@ def export_hf_anyres(vlm: Any, *, out: str | Path, format: str) -> Path:
     reasons = anyres_reasons(model, family=family)
     if reasons:
         raise ValueError(f"cannot export to {format}: " + "; ".join(reasons))
-    target = check_export_target(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         assemble(model, tokenizer=tokenizer, family=family).save_pretrained(staging)
         write_processor(model, tokenizer=tokenizer, family=family, directory=staging)
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return write_export(out, write=write)
 
 
 def assemble(model: Any, *, tokenizer: Tokenizer, family: str) -> Any:

@@ -65,27 +65,42 @@ def load_llava_hf(directory: Path, *, raw: dict[str, Any], dtype: torch.dtype | 
         source=str(directory),
         **image_settings(processor.get("image_processor", {}), directory=directory),
     )
-    vision = VisionEncoder(config=vision_cfg, model=tower)
-    if vision_cfg.select == "patch" and vision.num_prefix != 1:
+    vision = llava_vision(tower, config=vision_cfg, directory=directory)
+    model, tokenizer = llava_model(llava, vision=vision, processor=processor, directory=directory)
+    return model.to(model.language_model.dtype), tokenizer
+
+
+def llava_vision(tower: Any, *, config: VisionConfig, directory: Path) -> VisionEncoder:
+    """A llava-hf tower as vlmkit's encoder; refused where the 'default' strategy would drop a patch."""
+    vision = VisionEncoder(config=config, model=tower)
+    if config.select == "patch" and vision.num_prefix != 1:
         raise ModelDirError(
             f"{directory}: vision_feature_select_strategy 'default' drops one leading token, but this "
             f"{vision.model_type} tower has {vision.num_prefix} non-patch tokens, so it would drop a patch"
         )
+    return vision
+
+
+def llava_model(
+    hf: Any, *, vision: VisionEncoder, processor: dict[str, Any], directory: Path
+) -> tuple[VisionLanguageModel, Tokenizer]:
+    """A transformers Llava-family model's LM, tokenizer, prompt and mlp2x projector joined to ``vision``
+    (shared by the llava, llava_next and llava_onevision importers)."""
     tokenizer, prompt = checkpoint_prompt(
         directory,
         image_token=processor.get("image_token", "<image>"),
-        image_token_id=llava.config.image_token_id,
+        image_token_id=hf.config.image_token_id,
     )
-    language_model = causal_lm_from_llava(llava, source=directory)
+    language_model = causal_lm_from_llava(hf, source=directory)
     config = VLMConfig(
-        vision=vision_cfg,
+        vision=vision.config,
         projector=ProjectorConfig(type="mlp", depth=2),
         language=LanguageConfig(hf_config=hf_config_dict(language_model.config), source=str(directory)),
         prompt=prompt,
     )
     model = VisionLanguageModel(config=config, vision=vision, language_model=language_model)
-    model.projector.load_state_dict(llava.model.multi_modal_projector.state_dict())  # linear_1/linear_2 both
-    return model.to(language_model.dtype), tokenizer
+    model.projector.load_state_dict(hf.model.multi_modal_projector.state_dict())  # linear_1/linear_2 both
+    return model, tokenizer
 
 
 def _load_transformers_llava(directory: Path, *, dtype: torch.dtype | None, class_name: str = "") -> Any:

@@ -14,20 +14,19 @@ from typing import Any
 
 import torch
 
-from vlmkit.config import LanguageConfig, ProjectorConfig, TilingConfig, VisionConfig, VLMConfig
+from vlmkit.config import TilingConfig, VisionConfig
 from vlmkit.models.convert.llava_hf import (
     BICUBIC,
     STRATEGY_TO_SELECT,
     _load_transformers_llava,
-    causal_lm_from_llava,
-    checkpoint_prompt,
+    llava_model,
+    llava_vision,
     processor_settings,
     unsupported_reasons,
 )
 from vlmkit.models.io import ModelDirError
 from vlmkit.models.parts import hf_config_dict
 from vlmkit.models.vision import VisionEncoder
-from vlmkit.models.vlm import VisionLanguageModel
 
 MODEL_CLASSES = {
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -73,28 +72,13 @@ def load_llava_anyres(directory: Path, *, raw: dict[str, Any], dtype: torch.dtyp
     hf = _load_transformers_llava(directory, dtype=dtype, class_name=MODEL_CLASSES[model_type])
     processor = processor_settings(directory)
     vision_cfg = _vision_config(hf, processor=processor, directory=directory)
-    vision = VisionEncoder(config=vision_cfg, model=hf.model.vision_tower)
-    if vision_cfg.select == "patch" and vision.num_prefix != 1:
-        raise ModelDirError(
-            f"{directory}: vision_feature_select_strategy 'default' drops one leading token, but this "
-            f"{vision.model_type} tower has {vision.num_prefix} non-patch tokens, so it would drop a patch"
-        )
+    vision = llava_vision(hf.model.vision_tower, config=vision_cfg, directory=directory)
     _check_processor_counts(processor, vision=vision, strategy=hf.config.vision_feature_select_strategy,
                             directory=directory)  # fmt: skip
-    tokenizer, prompt = checkpoint_prompt(directory, image_token=processor.get("image_token", "<image>"),
-                                          image_token_id=hf.config.image_token_id)  # fmt: skip
-    language_model = causal_lm_from_llava(hf, source=directory)
-    config = VLMConfig(
-        vision=vision_cfg,
-        projector=ProjectorConfig(type="mlp", depth=2),
-        language=LanguageConfig(hf_config=hf_config_dict(language_model.config), source=str(directory)),
-        prompt=prompt,
-    )
-    model = VisionLanguageModel(config=config, vision=vision, language_model=language_model)
-    model.projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
+    model, tokenizer = llava_model(hf, vision=vision, processor=processor, directory=directory)
     with torch.no_grad():
         model.tiling.image_newline.copy_(hf.model.image_newline)  # type: ignore[union-attr]
-    return model.to(language_model.dtype), tokenizer
+    return model.to(model.language_model.dtype), tokenizer
 
 
 def _vision_config(hf: Any, *, processor: dict[str, Any], directory: Path) -> VisionConfig:
