@@ -181,7 +181,7 @@ def image_settings(pre: dict[str, Any], *, directory: Path) -> dict[str, Any]:
     vlmkit's modes are bit-identical to those processors: ``crop`` = shortest edge + centre crop to the same
     size, ``resize`` = squash to a square, ``pad`` = LlavaImageProcessor's ``do_pad`` letterbox then crop.
     """
-    problems = _unsupported_preprocessing(pre)
+    problems = unsupported_preprocessing(pre)
     if problems:
         raise ModelDirError(f"{directory}: image preprocessing not supported: {'; '.join(problems)}")
     size, crop = pre.get("size") or {}, pre.get("crop_size") or {}
@@ -202,16 +202,22 @@ def image_settings(pre: dict[str, Any], *, directory: Path) -> dict[str, Any]:
             "image_std": tuple(pre["image_std"])}  # fmt: skip
 
 
-def _unsupported_preprocessing(pre: dict[str, Any]) -> list[str]:
+def unsupported_preprocessing(
+    pre: dict[str, Any],
+    *,
+    kinds: tuple[str, ...] = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor"),
+) -> list[str]:
+    """What an image processor config asks that vlmkit's preprocessing does not reproduce (empty: nothing).
+    ``kinds``: the processor classes accepted (the first is assumed when the config names none)."""
     problems = [f"{key}={pre.get(key)!r}" for key in ("do_resize", "do_rescale", "do_normalize")
                 if pre.get(key, True) is not True]  # fmt: skip
     if abs(float(pre.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
         problems.append(f"rescale_factor={pre['rescale_factor']}")
     if int(pre.get("resample", BICUBIC)) != BICUBIC:
         problems.append(f"resample={pre['resample']} (vlmkit resizes bicubic)")
-    kind = str(pre.get("image_processor_type", "CLIPImageProcessor"))
-    if not kind.startswith(("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor")):
-        problems.append(f"image_processor_type={kind!r}")
+    found = str(pre.get("image_processor_type", kinds[0]))
+    if not found.startswith(kinds):
+        problems.append(f"image_processor_type={found!r} (expected {' or '.join(kinds)})")
     if "image_mean" not in pre or "image_std" not in pre:
         problems.append("no image_mean / image_std")
     return problems

@@ -16,12 +16,12 @@ import torch
 
 from vlmkit.config import TilingConfig, VisionConfig
 from vlmkit.models.convert.llava_hf import (
-    BICUBIC,
     STRATEGY_TO_SELECT,
     _load_transformers_llava,
     llava_model,
     llava_vision,
     processor_settings,
+    unsupported_preprocessing,
     unsupported_reasons,
 )
 from vlmkit.models.io import ModelDirError
@@ -117,17 +117,7 @@ def _vision_config(hf: Any, *, processor: dict[str, Any], directory: Path) -> Vi
 
 def tile_size(pre: dict[str, Any], *, kind: str, directory: Path) -> int:
     """The S of an AnyRes image processor's S x S tiles, or a refusal listing what vlmkit cannot reproduce."""
-    problems = [f"{key}={pre.get(key)!r}" for key in ("do_resize", "do_rescale", "do_normalize")
-                if pre.get(key, True) is not True]  # fmt: skip
-    if abs(float(pre.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
-        problems.append(f"rescale_factor={pre['rescale_factor']}")
-    if int(pre.get("resample", BICUBIC)) != BICUBIC:
-        problems.append(f"resample={pre['resample']} (vlmkit resizes bicubic)")
-    found = str(pre.get("image_processor_type", kind))
-    if not found.startswith(kind):
-        problems.append(f"image_processor_type={found!r} (expected {kind})")
-    if "image_mean" not in pre or "image_std" not in pre:
-        problems.append("no image_mean / image_std")
+    problems = unsupported_preprocessing(pre, kinds=(kind,))
     size, crop = pre.get("size") or {}, pre.get("crop_size") or {}
     sides: set[Any] = (  # JSON values, checked below
         {size.get("shortest_edge")} if "shortest_edge" in size else {size.get("height"), size.get("width")}
